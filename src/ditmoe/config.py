@@ -1,0 +1,168 @@
+"""Typed configuration dataclasses: the single source of every model setting.
+
+A `ModelConfig` fully describes one network (dense DiT or DiT-MoE). It is what the registry
+returns, what checkpoints store as JSON, and what the CLI's `--model-*` flags are made from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+EXPERT_TYPES = ("swiglu", "gelu")
+ATTN_LAYOUTS = ("qkv", "fused_qknorm")
+MOE_PLACEMENTS = ("all", "every_other", "deep_half", "shallow_half", "none")
+
+
+@dataclass
+class ModelConfig:
+    """Every hyper-parameter of a DiT / DiT-MoE network.
+
+    Widths left as ``None`` follow the official code: routed experts are ``mlp_ratio * D`` wide,
+    the shared expert ``2 * D`` (the official "2 shared experts"), dense MLPs ``mlp_ratio * D``.
+    """
+
+    name: str = "custom"
+    input_size: int = 32  # latent (or pixel) height = width
+    patch_size: int = 2
+    in_channels: int = 4
+    hidden_size: int = 1152
+    depth: int = 28
+    num_heads: int = 16
+    mlp_ratio: float = 4.0
+    num_classes: int = 1000
+    class_dropout_prob: float = 0.1
+    learn_sigma: bool = True
+    # --- MoE ---
+    num_experts: int = 8  # 0 makes every block dense
+    top_k: int = 2
+    norm_topk: bool = False  # renormalise the k chosen router weights to sum to 1
+    expert_hidden: int | None = None  # routed expert width; None = mlp_ratio * D
+    shared_hidden: int | None = None  # shared expert width; None = 2 * D; 0 = no shared expert
+    expert_type: str = "swiglu"  # "swiglu" (DiT-MoE experts) or "gelu" (original DiT MLP)
+    dense_mlp_type: str = "gelu"  # MLP type of non-MoE blocks (DiT baselines use GELU-tanh)
+    aux_alpha: float = 0.01  # balance-loss weight (paper Eq. 5); 0 disables it
+    moe_placement: str = "all"
+    # --- attention ---
+    attn_layout: str = "qkv"  # "qkv": timm qkv/proj (S, B); "fused_qknorm": Wqkv + q/k LayerNorm (XL, G)
+    # --- time conditioning ---
+    # The model embeds `t * timestep_scale`. DDPM feeds step indices in [0, 999] (scale 1); the
+    # released rectified-flow checkpoints feed t in (0, 1) unscaled (scale 1), flows trained here
+    # use 1000 so the sinusoid sees the same range as DDPM.
+    timestep_scale: float = 1.0
+
+    # ------------------------------------------------------------------ derived
+    @property
+    def out_channels(self) -> int:
+        return self.in_channels * 2 if self.learn_sigma else self.in_channels
+
+    @property
+    def num_patches(self) -> int:
+        return (self.input_size // self.patch_size) ** 2
+
+    @property
+    def routed_hidden(self) -> int:
+        return self.expert_hidden if self.expert_hidden is not None else int(self.mlp_ratio * self.hidden_size)
+
+    @property
+    def shared_width(self) -> int:
+        return self.shared_hidden if self.shared_hidden is not None else 2 * self.hidden_size
+
+    @property
+    def dense_hidden(self) -> int:
+        return int(self.mlp_ratio * self.hidden_size)
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0 and any(self.moe_blocks())
+
+    def moe_blocks(self) -> list[bool]:
+        """Which blocks carry a MoE layer (the paper's placement ablation)."""
+        d = self.depth
+        if self.num_experts == 0 or self.moe_placement == "none":
+            return [False] * d
+        if self.moe_placement == "all":
+            return [True] * d
+        if self.moe_placement == "every_other":
+            return [i % 2 == 1 for i in range(d)]
+        if self.moe_placement == "deep_half":
+            return [i >= d // 2 for i in range(d)]
+        if self.moe_placement == "shallow_half":
+            return [i < d // 2 for i in range(d)]
+        raise ValueError(f"unknown moe_placement {self.moe_placement!r}; choose one of {MOE_PLACEMENTS}")
+
+    # --------------------------------------------------------------- validation
+    def validate(self) -> "ModelConfig":
+        """Raise ValueError naming the offending setting; return self for chaining."""
+        problems = []
+        if self.hidden_size % self.num_heads:
+            problems.append(
+                f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}"
+            )
+        if self.input_size % self.patch_size:
+            problems.append(
+                f"input_size {self.input_size} is not divisible by patch_size {self.patch_size}"
+            )
+        if self.num_experts < 0:
+            problems.append(f"num_experts must be >= 0 (0 = dense), got {self.num_experts}")
+        if self.num_experts > 0 and not 1 <= self.top_k <= self.num_experts:
+            problems.append(
+                f"top_k {self.top_k} must be between 1 and num_experts {self.num_experts}"
+            )
+        if self.expert_type not in EXPERT_TYPES:
+            problems.append(f"expert_type {self.expert_type!r} is not one of {EXPERT_TYPES}")
+        if self.dense_mlp_type not in EXPERT_TYPES:
+            problems.append(f"dense_mlp_type {self.dense_mlp_type!r} is not one of {EXPERT_TYPES}")
+        if self.attn_layout not in ATTN_LAYOUTS:
+            problems.append(f"attn_layout {self.attn_layout!r} is not one of {ATTN_LAYOUTS}")
+        if self.moe_placement not in MOE_PLACEMENTS:
+            problems.append(f"moe_placement {self.moe_placement!r} is not one of {MOE_PLACEMENTS}")
+        if self.aux_alpha < 0:
+            problems.append(f"aux_alpha must be >= 0, got {self.aux_alpha}")
+        if self.shared_hidden is not None and self.shared_hidden < 0:
+            problems.append(f"shared_hidden must be >= 0 (0 = no shared expert), got {self.shared_hidden}")
+        if not 0.0 <= self.class_dropout_prob < 1.0:
+            problems.append(f"class_dropout_prob must be in [0, 1), got {self.class_dropout_prob}")
+        for name in ("input_size", "patch_size", "in_channels", "hidden_size", "depth", "num_heads", "num_classes"):
+            if getattr(self, name) <= 0:
+                problems.append(f"{name} must be positive, got {getattr(self, name)}")
+        if problems:
+            raise ValueError("invalid model config: " + "; ".join(problems))
+        return self
+
+    # ----------------------------------------------------------- serialisation
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown model config keys {sorted(unknown)}; known keys: {sorted(known)}")
+        return cls(**d)
+
+    @classmethod
+    def from_json(cls, s: str) -> "ModelConfig":
+        return cls.from_dict(json.loads(s))
+
+    def replace(self, **overrides: Any) -> "ModelConfig":
+        known = {f.name for f in dataclasses.fields(self)}
+        unknown = set(overrides) - known
+        if unknown:
+            raise ValueError(
+                f"unknown model override(s) {sorted(unknown)}; valid overrides: {sorted(known)}"
+            )
+        return dataclasses.replace(self, **overrides)
+
+
+def config_field_names(cls: type) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls)]
+
+
+__all__ = ["ModelConfig", "EXPERT_TYPES", "ATTN_LAYOUTS", "MOE_PLACEMENTS", "config_field_names", "field"]

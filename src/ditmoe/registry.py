@@ -1,0 +1,94 @@
+"""Named model sizes: "DiT-MoE-S/2-8E2A" -> ModelConfig, plus dense DiT baselines and "debug".
+
+Names follow the paper: size letter, patch size, then ``{E}E{k}A`` (E routed experts, k active).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from .config import ModelConfig
+
+# (depth, hidden, heads) of the DiT sizes.
+_SIZES = {
+    "S": (12, 384, 6),
+    "B": (12, 768, 12),
+    "L": (24, 1024, 16),
+    "XL": (28, 1152, 16),
+    "G": (40, 1408, 16),
+}
+# The released XL and G checkpoints use the fused-qkv attention with q/k LayerNorm.
+_QKNORM_SIZES = {"XL", "G"}
+
+
+def _build_registry() -> dict[str, ModelConfig]:
+    reg: dict[str, ModelConfig] = {}
+    for size, (depth, hidden, heads) in _SIZES.items():
+        layout = "fused_qknorm" if size in _QKNORM_SIZES else "qkv"
+        for patch in (2, 4, 8):
+            base = dict(depth=depth, hidden_size=hidden, num_heads=heads, patch_size=patch)
+            expert_variants = [(16, 2)] if size == "G" else [(8, 2), (16, 2)]
+            if size == "G" and patch != 2:
+                continue
+            for e, k in expert_variants:
+                name = f"DiT-MoE-{size}/{patch}-{e}E{k}A"
+                reg[name] = ModelConfig(name=name, num_experts=e, top_k=k, attn_layout=layout, **base)
+            if size != "G":
+                name = f"DiT-{size}/{patch}"
+                reg[name] = ModelConfig(name=name, num_experts=0, attn_layout="qkv", **base)
+    # Tiny flavour for tests and smoke runs; same shape as the official fixtures.
+    reg["debug"] = ModelConfig(
+        name="debug", input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=2,
+        num_heads=4, num_classes=10, num_experts=4, top_k=2,
+    )
+    reg["debug-dense"] = reg["debug"].replace(name="debug-dense", num_experts=0)
+    return reg
+
+
+REGISTRY: dict[str, ModelConfig] = _build_registry()
+
+
+def model_names() -> list[str]:
+    return list(REGISTRY)
+
+
+def get_config(name: str, **overrides: Any) -> ModelConfig:
+    """Look up a named size and apply overrides; raises ValueError listing known names."""
+    if name not in REGISTRY:
+        close = [n for n in REGISTRY if n.lower().replace("-", "") == name.lower().replace("-", "")]
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"unknown model name {name!r}.{hint} Known models: {', '.join(REGISTRY)}")
+    cfg = REGISTRY[name]
+    if overrides:
+        cfg = cfg.replace(**overrides)
+    return cfg.validate()
+
+
+def create_model(name: str | ModelConfig, device: Any = None, **overrides: Any):
+    """Build a model by registry name (or from a ModelConfig) with optional overrides.
+
+    ``device="meta"`` builds the module tree without allocating weights (e.g. to count the
+    16.5B-parameter G model in seconds).
+    """
+    from .models.dit import DiT
+
+    cfg = name.replace(**overrides).validate() if isinstance(name, ModelConfig) else get_config(name, **overrides)
+    if device is None:
+        return DiT(cfg)
+    import torch
+
+    with torch.device(device):
+        return DiT(cfg)
+
+
+_NAME_RE = re.compile(r"^DiT(-MoE)?-(S|B|L|XL|G)/(\d+)(?:-(\d+)E(\d+)A)?$")
+
+
+def parse_name(name: str) -> dict[str, Any] | None:
+    """Split a family name into its parts, or None if it is not one (used in error hints)."""
+    m = _NAME_RE.match(name)
+    if not m:
+        return None
+    return {"moe": bool(m.group(1)), "size": m.group(2), "patch": int(m.group(3)),
+            "experts": int(m.group(4) or 0), "top_k": int(m.group(5) or 0)}
