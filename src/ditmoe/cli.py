@@ -1,0 +1,171 @@
+"""`ditmoe` command line: train | sample | eval | analyze | info | convert | upcycle | ...
+
+Each subcommand lives in its own small function and imports what it needs on first use, so
+`ditmoe --help` and `ditmoe info` start fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Callable
+
+COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {}
+
+
+def command(name: str, help_text: str):
+    """Register `add_args` / `run` pairs for a subcommand."""
+
+    def wrap(add_args):
+        def with_run(run):
+            COMMANDS[name] = (help_text, add_args, run)
+            return run
+
+        return with_run
+
+    return wrap
+
+
+# ------------------------------------------------------------------------------ info
+def _info_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("name", nargs="?", help="registry name, e.g. DiT-MoE-S/2-8E2A (omit with --list)")
+    p.add_argument("--list", action="store_true", help="list every registered model")
+    p.add_argument("--image-size", type=int, default=256, help="image side for the GFLOPs count")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+@command("info", "parameters, activated parameters and GFLOPs of a model")(_info_args)
+def _info(args: argparse.Namespace) -> int:
+    from .accounting import format_count, model_stats
+    from .registry import get_config, model_names
+
+    names = model_names() if args.list or not args.name else [args.name]
+    rows = []
+    for name in names:
+        s = model_stats(get_config(name), image_size=args.image_size)
+        rows.append(s)
+    if args.json:
+        print(json.dumps([r.to_dict() for r in rows], indent=2))
+        return 0
+    print(f"{'model':<22} {'total':>9} {'activated':>10} {'GFLOPs':>9} {'+attn':>9}   (one {args.image_size}x{args.image_size} image, {rows[0].tokens} tokens)")
+    for s in rows:
+        print(f"{s.name:<22} {format_count(s.total_params):>9} {format_count(s.activated_params):>10} "
+              f"{s.gmacs:>9.2f} {s.gmacs_with_attention:>9.2f}")
+    print("GFLOPs: multiply-accumulates of the linear layers (the paper's definition); +attn adds QK^T and AV.")
+    return 0
+
+
+# --------------------------------------------------------------------------- convert
+def _convert_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("src", help="official checkpoint (.pt/.pth with or without an 'ema'/'model' wrapper, or .safetensors)")
+    p.add_argument("dst", help="output .safetensors (config JSON is written beside it)")
+    p.add_argument("--to", choices=["package", "official"], default="package",
+                   help="package: this package's format; official: the official key layout")
+    p.add_argument("--model", default=None, help="registry name to load into (default: inferred from the weights)")
+    p.add_argument("--timestep-scale", type=float, default=None,
+                   help="time convention of the checkpoint (1 for the released checkpoints)")
+
+
+@command("convert", "convert checkpoints between the official layout and this package")(_convert_args)
+def _convert(args: argparse.Namespace) -> int:
+    from .convert import export_official, load_model, save_model
+
+    overrides = {} if args.timestep_scale is None else {"timestep_scale": args.timestep_scale}
+    if args.model:
+        from .convert import load_official
+
+        model = load_official(args.src, config=args.model, **overrides)
+    else:
+        model = load_model(args.src, **overrides)
+    if args.to == "package":
+        save_model(model, args.dst)
+    else:
+        from safetensors.torch import save_file
+
+        from .convert import atomic_write
+
+        sd = export_official(model)
+        atomic_write(args.dst, lambda tmp: save_file(sd, tmp, metadata={"config": json.dumps(_official_ctor_args(model.config))}))
+    print(f"wrote {args.dst} ({model.config.name}: depth {model.config.depth}, hidden {model.config.hidden_size}, "
+          f"experts {model.config.num_experts})")
+    return 0
+
+
+def _official_ctor_args(cfg) -> dict:
+    """The official constructor's argument names, so the metadata reads like theirs."""
+    d = dict(input_size=cfg.input_size, patch_size=cfg.patch_size, in_channels=cfg.in_channels,
+             hidden_size=cfg.hidden_size, depth=cfg.depth, num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio,
+             class_dropout_prob=cfg.class_dropout_prob, num_classes=cfg.num_classes, learn_sigma=cfg.learn_sigma)
+    if cfg.num_experts:
+        d.update(num_experts=cfg.num_experts, num_experts_per_tok=cfg.top_k,
+                 use_flash_attn=cfg.attn_layout == "fused_qknorm")
+    return d
+
+
+# --------------------------------------------------------------------------- upcycle
+def _upcycle_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("src", help="dense checkpoint: official DiT (GELU MLPs) or this package's dense model")
+    p.add_argument("dst", help="output .safetensors")
+    p.add_argument("--experts", type=int, default=8, help="routed experts per layer")
+    p.add_argument("--top-k", type=int, default=2, help="experts chosen per token")
+    p.add_argument("--no-renormalize", action="store_true",
+                   help="keep raw softmax top-k weights (then the upcycled model no longer equals the dense one)")
+    p.add_argument("--shared-hidden", type=int, default=0, help="width of a new shared expert (0 = none); it starts as a no-op")
+    p.add_argument("--router-std", type=float, default=0.02, help="std of the new router weights")
+    p.add_argument("--noise", type=float, default=0.0, help="relative std of noise added to each expert copy")
+    p.add_argument("--seed", type=int, default=0)
+
+
+@command("upcycle", "turn a dense DiT checkpoint into a DiT-MoE (experts copied from the dense MLP)")(_upcycle_args)
+def _upcycle(args: argparse.Namespace) -> int:
+    from .convert import save_model, upcycle
+
+    model = upcycle(args.src, num_experts=args.experts, top_k=args.top_k, norm_topk=not args.no_renormalize,
+                    shared_hidden=args.shared_hidden, router_std=args.router_std, noise_std=args.noise, seed=args.seed)
+    save_model(model, args.dst)
+    print(f"wrote {args.dst}: {model.config.name} ({args.experts} experts, top-{args.top_k})")
+    return 0
+
+
+# ------------------------------------------------------------------------------ main
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    _register_heavy_commands()
+    parser = argparse.ArgumentParser(prog="ditmoe", description="Sparse Mixture-of-Experts diffusion transformers (DiT-MoE).")
+    parser.add_argument("--version", action="version", version=f"ditmoe {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (help_text, add_args, _) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text,
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        add_args(p)
+    return parser
+
+
+def _register_heavy_commands() -> None:
+    """Commands defined in other modules register themselves on import (kept cheap: no torch)."""
+    from . import commands  # noqa: F401
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return 2
+    try:
+        return COMMANDS[args.command][2](args) or 0
+    except (ValueError, FileNotFoundError) as e:
+        # Bad input: one clear line, no traceback (DITMOE_DEBUG=1 shows it).
+        import os
+
+        if os.environ.get("DITMOE_DEBUG"):
+            raise
+        print(f"ditmoe {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,386 @@
+"""Checkpoint formats: official DiT-MoE / DiT state dicts <-> this package; dense -> MoE upcycling.
+
+The official code stores each expert as its own `nn.Linear` trio
+(`blocks.i.moe.experts.e.{gate,up,down}_proj.weight`, Linear layout (out, in)); this package
+stacks them per layer in `x @ W` layout (`experts.w_in` = [gate | up], `experts.w_out`). Every
+other key is shared verbatim, so conversion is a pure re-arrangement and round-trips exactly.
+
+Loading is safe by construction: safetensors, or `torch.load(weights_only=True)`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from .config import ModelConfig
+from .registry import REGISTRY, create_model
+
+StateDict = dict[str, torch.Tensor]
+
+_EXPERT_KEY = re.compile(r"^blocks\.(\d+)\.moe\.experts\.(\d+)\.(gate_proj|up_proj|down_proj|fc1|fc2)\.(weight|bias)$")
+# Known head counts of the released sizes, by hidden width (qkv layout checkpoints do not reveal it).
+_HEADS_BY_WIDTH = {384: 6, 768: 12, 1024: 16, 1152: 16, 1408: 16, 64: 4}
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint whose keys or shapes do not fit the model it is loaded into."""
+
+
+# ---------------------------------------------------------------------------- reading files
+def read_state_dict(src: str | os.PathLike | Mapping[str, Any]) -> tuple[StateDict, dict[str, str]]:
+    """Read a checkpoint into a flat state dict plus its metadata (safetensors) without unpickling code.
+
+    Accepts .safetensors, or .pt/.pth/.bin (torch.load with weights_only=True) holding either a
+    bare state dict or one wrapped under "ema" (preferred, the weights results are reported with),
+    "model", "state_dict" or "module"; a "module." prefix (DDP) is removed.
+    """
+    meta: dict[str, str] = {}
+    if isinstance(src, Mapping):
+        sd = dict(src)
+    else:
+        path = Path(src)
+        if not path.exists():
+            raise FileNotFoundError(f"checkpoint {path} does not exist")
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as f:
+                meta = dict(f.metadata() or {})
+                sd = {k: f.get_tensor(k) for k in f.keys()}
+        else:
+            try:
+                sd = torch.load(str(path), map_location="cpu", weights_only=True)
+            except Exception as e:  # an unsafe pickle or a corrupt file: say which, keep the cause
+                raise ValueError(
+                    f"could not read {path} as a weights-only torch checkpoint ({type(e).__name__}: {e}). "
+                    "Only tensors and plain containers are accepted; re-save the state dict with "
+                    "torch.save(model.state_dict(), path) or convert it to safetensors."
+                ) from e
+    for wrapper in ("ema", "model", "state_dict", "module"):
+        if wrapper in sd and isinstance(sd[wrapper], Mapping):
+            sd = dict(sd[wrapper])
+            break
+    if sd and all(k.startswith("module.") for k in sd):
+        sd = {k[len("module."):]: v for k, v in sd.items()}
+    bad = [k for k, v in sd.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise ValueError(f"checkpoint entries {bad[:5]} are not tensors; expected a flat state dict")
+    return sd, meta
+
+
+# --------------------------------------------------------------------- config inference
+def infer_config(sd: Mapping[str, torch.Tensor], meta_config: Mapping[str, Any] | None = None) -> ModelConfig:
+    """Recover the ModelConfig of an official or package state dict from its shapes.
+
+    `meta_config` (the official constructor arguments, e.g. from safetensors metadata) fills in
+    what shapes cannot tell: num_heads of the qkv layout, top_k and class dropout.
+    """
+    meta_config = dict(meta_config or {})
+    pw = sd["x_embedder.proj.weight"]
+    d, c_in, p = pw.shape[0], pw.shape[1], pw.shape[2]
+    t = sd["pos_embed"].shape[1]
+    grid = int(round(math.sqrt(t)))
+    depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
+    num_classes = sd["y_embedder.embedding_table.weight"].shape[0] - 1
+    c_out = sd["final_layer.linear.weight"].shape[0] // (p * p)
+    layout = "fused_qknorm" if "blocks.0.attn.Wqkv.weight" in sd else "qkv"
+    if layout == "fused_qknorm":
+        heads = d // sd["blocks.0.attn.q_norm.weight"].shape[0]
+    else:
+        heads = int(meta_config.get("num_heads") or _HEADS_BY_WIDTH.get(d, max(1, d // 64)))
+    moe_idx = sorted({int(k.split(".")[1]) for k in sd if ".moe." in k})
+    kw: dict[str, Any] = dict(
+        input_size=grid * p, patch_size=p, in_channels=c_in, hidden_size=d, depth=depth, num_heads=heads,
+        num_classes=num_classes, learn_sigma=(c_out == 2 * c_in), attn_layout=layout,
+        class_dropout_prob=float(meta_config.get("class_dropout_prob", 0.1)),
+    )
+    if moe_idx:
+        b = moe_idx[0]
+        if f"blocks.{b}.moe.experts.w_in" in sd:  # this package's stacked layout
+            w_in = sd[f"blocks.{b}.moe.experts.w_in"]
+            e = w_in.shape[0]
+            kind = "gelu" if f"blocks.{b}.moe.experts.b_in" in sd else "swiglu"
+            hidden = sd[f"blocks.{b}.moe.experts.w_out"].shape[1]
+        else:
+            e = 1 + max(int(m.group(2)) for k in sd if (m := _EXPERT_KEY.match(k)) and int(m.group(1)) == b)
+            kind = "gelu" if f"blocks.{b}.moe.experts.0.fc1.weight" in sd else "swiglu"
+            hidden = sd[f"blocks.{b}.moe.experts.0.{'fc1' if kind == 'gelu' else 'gate_proj'}.weight"].shape[0]
+        shared_key = f"blocks.{b}.moe.shared_experts.gate_proj.weight"
+        kw.update(
+            num_experts=e, expert_type=kind, expert_hidden=hidden,
+            shared_hidden=sd[shared_key].shape[0] if shared_key in sd else 0,
+            top_k=int(meta_config.get("num_experts_per_tok", meta_config.get("top_k", 2))),
+            norm_topk=bool(meta_config.get("norm_topk", False)),
+            aux_alpha=float(meta_config.get("aux_alpha", 0.01)),
+        )
+        if len(moe_idx) < depth:
+            kw["moe_placement"] = _placement_of(moe_idx, depth)
+    else:
+        kw["num_experts"] = 0
+    dense_idx = [i for i in range(depth) if i not in moe_idx]
+    if dense_idx:
+        b = dense_idx[0]
+        if f"blocks.{b}.mlp.fc1.weight" in sd:
+            kw["dense_mlp_type"] = "gelu"
+            hidden = sd[f"blocks.{b}.mlp.fc1.weight"].shape[0]
+        else:
+            kw["dense_mlp_type"] = "swiglu"
+            hidden = sd[f"blocks.{b}.mlp.gate_proj.weight"].shape[0]
+        kw["mlp_ratio"] = hidden / d
+    for key in ("timestep_scale", "name"):
+        if key in meta_config:
+            kw[key] = meta_config[key]
+    return ModelConfig(**kw).validate()
+
+
+def _placement_of(moe_idx: list[int], depth: int) -> str:
+    for placement in ("every_other", "deep_half", "shallow_half"):
+        cfg = ModelConfig(depth=depth, moe_placement=placement, num_experts=2, top_k=1)
+        if [i for i, m in enumerate(cfg.moe_blocks()) if m] == moe_idx:
+            return placement
+    raise ValueError(f"MoE layers at blocks {moe_idx} match no known placement")
+
+
+def matching_model_names(cfg: ModelConfig) -> list[str]:
+    """Registry names whose architecture equals `cfg` (ignoring run-time knobs)."""
+    keys = ("input_size", "patch_size", "in_channels", "hidden_size", "depth", "num_heads", "num_experts",
+            "attn_layout", "learn_sigma", "num_classes")
+    out = []
+    for name, ref in REGISTRY.items():
+        if all(getattr(ref, k) == getattr(cfg, k) for k in keys if k not in ("input_size", "num_classes", "in_channels")):
+            out.append(name)
+    return out
+
+
+# ----------------------------------------------------------- official <-> package layout
+def official_to_package(sd: Mapping[str, torch.Tensor]) -> StateDict:
+    """Stack per-expert Linear weights into `experts.w_in / w_out` (and biases for GELU experts)."""
+    out: StateDict = {}
+    experts: dict[int, dict[int, dict[str, torch.Tensor]]] = {}
+    for k, v in sd.items():
+        m = _EXPERT_KEY.match(k)
+        if m:
+            experts.setdefault(int(m.group(1)), {}).setdefault(int(m.group(2)), {})[f"{m.group(3)}.{m.group(4)}"] = v
+        else:
+            out[k] = v
+    for b, per_expert in experts.items():
+        ids = sorted(per_expert)
+        if ids != list(range(len(ids))):
+            raise CheckpointMismatchError(f"block {b}: expert indices {ids} are not contiguous from 0")
+        prefix = f"blocks.{b}.moe.experts."
+        if "fc1.weight" in per_expert[0]:
+            out[prefix + "w_in"] = torch.stack([per_expert[e]["fc1.weight"].t() for e in ids])
+            out[prefix + "b_in"] = torch.stack([per_expert[e]["fc1.bias"] for e in ids])
+            out[prefix + "w_out"] = torch.stack([per_expert[e]["fc2.weight"].t() for e in ids])
+            out[prefix + "b_out"] = torch.stack([per_expert[e]["fc2.bias"] for e in ids])
+        else:
+            out[prefix + "w_in"] = torch.stack(
+                [torch.cat([per_expert[e]["gate_proj.weight"], per_expert[e]["up_proj.weight"]], 0).t() for e in ids])
+            out[prefix + "w_out"] = torch.stack([per_expert[e]["down_proj.weight"].t() for e in ids])
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def package_to_official(sd: Mapping[str, torch.Tensor]) -> StateDict:
+    """Inverse of `official_to_package`: one Linear trio (or fc1/fc2 pair) per expert."""
+    out: StateDict = {}
+    for k, v in sd.items():
+        m = re.match(r"^(blocks\.\d+\.moe\.experts\.)(w_in|w_out|b_in|b_out)$", k)
+        if not m:
+            out[k] = v.contiguous()
+            continue
+        prefix, what = m.group(1), m.group(2)
+        gelu = (prefix + "b_in") in sd
+        for e in range(v.shape[0]):
+            if what == "w_in" and not gelu:
+                gate, up = v[e].t().chunk(2, dim=0)
+                out[f"{prefix}{e}.gate_proj.weight"] = gate.contiguous()
+                out[f"{prefix}{e}.up_proj.weight"] = up.contiguous()
+            elif what == "w_in":
+                out[f"{prefix}{e}.fc1.weight"] = v[e].t().contiguous()
+            elif what == "w_out":
+                out[f"{prefix}{e}.{'fc2' if gelu else 'down_proj'}.weight"] = v[e].t().contiguous()
+            elif what == "b_in":
+                out[f"{prefix}{e}.fc1.bias"] = v[e].contiguous()
+            else:
+                out[f"{prefix}{e}.fc2.bias"] = v[e].contiguous()
+    return out
+
+
+# --------------------------------------------------------------------------- loading
+def load_into(model: torch.nn.Module, sd: Mapping[str, torch.Tensor]) -> None:
+    """load_state_dict with a readable diagnosis instead of a size-mismatch trace."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in sd]
+    unexpected = [k for k in sd if k not in expected]
+    shape_bad = [(k, tuple(sd[k].shape), tuple(expected[k].shape)) for k in expected
+                 if k in sd and sd[k].shape != expected[k].shape]
+    if missing or unexpected or shape_bad:
+        lines = [f"checkpoint does not fit model {getattr(model, 'config', None) and model.config.name!r}:"]
+        for k, got, want in shape_bad[:5]:
+            lines.append(f"  {k}: checkpoint has shape {got}, model expects {want}")
+        if missing:
+            lines.append(f"  missing from checkpoint ({len(missing)}): {missing[:5]}")
+        if unexpected:
+            lines.append(f"  not in model ({len(unexpected)}): {unexpected[:5]}")
+        try:
+            fitting = infer_config(sd)
+            names = matching_model_names(fitting)
+            lines.append(
+                "  the checkpoint looks like " + (f"model {names[0]!r}" if names else "a custom model")
+                + f" (depth {fitting.depth}, hidden {fitting.hidden_size}, experts {fitting.num_experts},"
+                f" patch {fitting.patch_size}, input {fitting.input_size}, classes {fitting.num_classes});"
+                " load it with that name or with load_official(path), which reads the config from the weights"
+            )
+        except Exception:  # the diagnosis is best effort; the mismatch itself is the error
+            pass
+        raise CheckpointMismatchError("\n".join(lines))
+    model.load_state_dict(dict(sd), strict=True)
+
+
+def load_official(src: str | os.PathLike | Mapping[str, Any], config: ModelConfig | str | None = None,
+                  **overrides: Any):
+    """Build the model an official DiT-MoE / DiT checkpoint describes and load it (eval mode).
+
+    `config` may be a registry name or ModelConfig; otherwise it is inferred from the weights
+    (plus the safetensors "config" metadata when present). Overrides apply on top, e.g.
+    `timestep_scale` or `top_k`.
+    """
+    sd, meta = read_state_dict(src)
+    meta_cfg = json.loads(meta["config"]) if "config" in meta else {}
+    sd = official_to_package(sd)
+    if config is None:
+        cfg = infer_config(sd, meta_cfg)
+    elif isinstance(config, str):
+        from .registry import get_config
+
+        cfg = get_config(config)
+    else:
+        cfg = config
+    cfg = cfg.replace(**overrides).validate() if overrides else cfg
+    model = create_model(cfg)
+    load_into(model, sd)
+    return model.eval()
+
+
+def export_official(model_or_sd) -> StateDict:
+    """State dict in the official key layout (per-expert Linear weights)."""
+    sd = model_or_sd.state_dict() if isinstance(model_or_sd, torch.nn.Module) else model_or_sd
+    return package_to_official(sd)
+
+
+# ---------------------------------------------------------------- package's own format
+def atomic_write(path: str | os.PathLike, write_fn) -> None:
+    """Write through a temporary file in the same folder, fsync, then rename over `path`.
+
+    A crash or a full disk mid-write leaves the previous file untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
+    os.close(fd)
+    try:
+        write_fn(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_model(model_or_sd, path: str | os.PathLike, config: ModelConfig | None = None,
+               extra_meta: dict[str, str] | None = None) -> Path:
+    """Save weights as safetensors with the JSON config in its metadata and beside it (.json)."""
+    from safetensors.torch import save_file
+
+    if isinstance(model_or_sd, torch.nn.Module):
+        sd, config = model_or_sd.state_dict(), config or model_or_sd.config
+    else:
+        sd = model_or_sd
+    if config is None:
+        raise ValueError("save_model needs a config when given a bare state dict")
+    path = Path(path)
+    meta = {"format": "ditmoe", "config": config.to_json(), **(extra_meta or {})}
+    tensors = {k: v.detach().cpu().contiguous() for k, v in sd.items()}
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+    atomic_write(path.with_suffix(".json"), lambda tmp: Path(tmp).write_text(json.dumps(config.to_dict(), indent=2)))
+    return path
+
+
+def load_model(path: str | os.PathLike, **overrides: Any):
+    """Load a model saved by `save_model`, an official checkpoint, or a training checkpoint."""
+    path = Path(path)
+    sd, meta = read_state_dict(path)
+    if meta.get("format") == "ditmoe":
+        cfg = ModelConfig.from_json(meta["config"])
+    elif path.with_suffix(".json").exists() and path.suffix == ".safetensors":
+        cfg = ModelConfig.from_dict(json.loads(path.with_suffix(".json").read_text()))
+    else:
+        return load_official(sd, **overrides)
+    if overrides:
+        cfg = cfg.replace(**overrides)
+    model = create_model(cfg.validate())
+    load_into(model, official_to_package(sd))
+    return model.eval()
+
+
+# ------------------------------------------------------------------------ upcycling
+def upcycle(dense_src, num_experts: int = 8, top_k: int = 2, norm_topk: bool = True, shared_hidden: int = 0,
+            router_std: float = 0.02, noise_std: float = 0.0, aux_alpha: float = 0.01, seed: int = 0):
+    """Turn a dense DiT (official GELU checkpoint, or this package's dense model) into a DiT-MoE.
+
+    Every expert starts as a copy of the block's dense MLP, the router is drawn from
+    N(0, router_std), and optional Gaussian noise (relative std `noise_std`) breaks expert symmetry.
+    With `norm_topk=True` and no shared expert the result computes exactly the dense function.
+    """
+    if isinstance(dense_src, torch.nn.Module):
+        sd, cfg = dense_src.state_dict(), dense_src.config
+    else:
+        sd, meta = read_state_dict(dense_src)
+        cfg = ModelConfig.from_json(meta["config"]) if meta.get("format") == "ditmoe" else infer_config(
+            sd, json.loads(meta["config"]) if "config" in meta else None)
+    if cfg.num_experts != 0:
+        raise ValueError(f"upcycle expects a dense model, but this checkpoint already has {cfg.num_experts} experts")
+    kind, hidden = cfg.dense_mlp_type, cfg.dense_hidden
+    moe_cfg = cfg.replace(name=f"{cfg.name}-upcycled-{num_experts}E{top_k}A", num_experts=num_experts, top_k=top_k,
+                          norm_topk=norm_topk, shared_hidden=shared_hidden, expert_type=kind, expert_hidden=hidden,
+                          aux_alpha=aux_alpha, moe_placement="all").validate()
+    model = create_model(moe_cfg)
+    gen = torch.Generator().manual_seed(seed)
+    new_sd = model.state_dict()
+    for k, v in sd.items():
+        if not re.match(r"blocks\.\d+\.mlp\.", k) and k in new_sd:
+            new_sd[k] = v.clone()
+    for i in range(cfg.depth):
+        p, q = f"blocks.{i}.mlp.", f"blocks.{i}.moe."
+        if kind == "gelu":
+            w_in, b_in = sd[p + "fc1.weight"].t(), sd[p + "fc1.bias"]
+            w_out, b_out = sd[p + "fc2.weight"].t(), sd[p + "fc2.bias"]
+            new_sd[q + "experts.b_in"] = b_in.expand(num_experts, -1).clone()
+            new_sd[q + "experts.b_out"] = b_out.expand(num_experts, -1).clone()
+        else:
+            w_in = torch.cat([sd[p + "gate_proj.weight"], sd[p + "up_proj.weight"]], 0).t()
+            w_out = sd[p + "down_proj.weight"].t()
+        stacked_in = w_in.expand(num_experts, -1, -1).clone()
+        stacked_out = w_out.expand(num_experts, -1, -1).clone()
+        if noise_std > 0:
+            stacked_in += noise_std * stacked_in.std() * torch.randn(stacked_in.shape, generator=gen)
+            stacked_out += noise_std * stacked_out.std() * torch.randn(stacked_out.shape, generator=gen)
+        new_sd[q + "experts.w_in"] = stacked_in
+        new_sd[q + "experts.w_out"] = stacked_out
+        new_sd[q + "gate.weight"] = router_std * torch.randn(new_sd[q + "gate.weight"].shape, generator=gen)
+        if shared_hidden > 0:
+            # A zero output projection makes the new shared expert start as a no-op, so the
+            # upcycled model still computes the dense function on step 0.
+            new_sd[q + "shared_experts.down_proj.weight"].zero_()
+    model.load_state_dict(new_sd, strict=True)
+    return model.eval()

@@ -1,0 +1,123 @@
+"""Checkpoint conversion, safe loading, mismatch diagnostics and dense -> MoE upcycling."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import ditmoe
+from ditmoe.cli import main
+from ditmoe.convert import CheckpointMismatchError, load_into, load_model, load_official, read_state_dict, upcycle
+from conftest import FIXTURES
+
+
+def _io(name):
+    return load_file(str(FIXTURES / f"{name}_io.safetensors"))
+
+
+@pytest.mark.parametrize("wrapper", [None, "ema", "model"])
+def test_pt_checkpoints_with_or_without_wrapper(tmp_path, wrapper):
+    sd, _ = read_state_dict(FIXTURES / "official_tiny_moe.safetensors")
+    path = tmp_path / "ckpt.pt"
+    torch.save({wrapper: sd, "opt": {"step": torch.tensor(3)}} if wrapper else sd, path)
+    io = _io("official_tiny_moe")
+    model = load_official(path, num_heads=4)
+    with torch.no_grad():
+        assert torch.allclose(model(io["x"], io["t"], io["y"]), io["out_eval"], rtol=1e-5, atol=1e-6)
+
+
+def test_unsafe_pickle_is_refused(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (print, ("executed",))
+
+    path = tmp_path / "evil.pt"
+    torch.save({"model": Evil()}, path)
+    with pytest.raises(ValueError, match="weights-only"):
+        read_state_dict(path)
+
+
+def test_cli_convert_round_trip(tmp_path):
+    pkg = tmp_path / "tiny.safetensors"
+    back = tmp_path / "tiny_official.safetensors"
+    assert main(["convert", str(FIXTURES / "official_tiny_moe.safetensors"), str(pkg)]) == 0
+    assert json.loads((tmp_path / "tiny.json").read_text())["num_experts"] == 4
+    assert main(["convert", str(pkg), str(back), "--to", "official"]) == 0
+    original, _ = read_state_dict(FIXTURES / "official_tiny_moe.safetensors")
+    again = load_file(str(back))
+    assert again.keys() == original.keys()
+    assert all(torch.equal(again[k], original[k]) for k in original)
+    model = load_model(pkg)
+    io = _io("official_tiny_moe")
+    with torch.no_grad():
+        assert torch.equal(model(io["x"], io["t"], io["y"]), load_official(FIXTURES / "official_tiny_moe.safetensors")(io["x"], io["t"], io["y"]))
+
+
+def test_mismatch_names_keys_shapes_and_fitting_model():
+    sd, _ = read_state_dict(FIXTURES / "official_tiny_moe.safetensors")
+    model = ditmoe.create_model("debug", num_experts=8)
+    from ditmoe.convert import official_to_package
+
+    with pytest.raises(CheckpointMismatchError) as e:
+        load_into(model, official_to_package(sd))
+    msg = str(e.value)
+    assert "blocks.0.moe.gate.weight: checkpoint has shape (4, 64), model expects (8, 64)" in msg
+    assert "'debug'" in msg  # the registry model that would fit
+
+
+def test_mismatch_against_a_real_size_names_it():
+    model = ditmoe.create_model("DiT-MoE-S/2-8E2A", device="meta")
+    sd = {k: torch.zeros(v.shape) for k, v in ditmoe.create_model("debug").state_dict().items()}
+    with pytest.raises(CheckpointMismatchError, match="x_embedder.proj.weight: checkpoint has shape"):
+        load_into(model, sd)
+
+
+def _dense_reference():
+    return load_official(FIXTURES / "official_tiny_dense_dit.safetensors")
+
+
+@pytest.mark.parametrize("shared_hidden", [0, 32])
+def test_upcycled_model_reproduces_dense_output(shared_hidden):
+    dense = _dense_reference()
+    moe = upcycle(dense, num_experts=4, top_k=2, norm_topk=True, shared_hidden=shared_hidden)
+    io = _io("official_tiny_dense_dit")
+    with torch.no_grad():
+        ref = dense(io["x"], io["t"], io["y"])
+        out = moe(io["x"], io["t"], io["y"])
+    assert moe.config.num_experts == 4 and moe.config.expert_type == "gelu"
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(out, io["out_eval"], rtol=1e-5, atol=1e-6)
+    std = moe.blocks[0].moe.gate.weight.std().item()
+    assert 0.01 < std < 0.03  # router drawn from N(0, 0.02)
+
+
+def test_upcycle_without_renormalisation_differs_and_noise_breaks_symmetry():
+    dense = _dense_reference()
+    io = _io("official_tiny_dense_dit")
+    raw = upcycle(dense, num_experts=4, top_k=2, norm_topk=False)
+    with torch.no_grad():
+        assert not torch.allclose(raw(io["x"], io["t"], io["y"]), io["out_eval"], rtol=1e-3)
+    noisy = upcycle(dense, num_experts=4, noise_std=0.01)
+    w = noisy.blocks[0].moe.experts.w_in
+    assert not torch.equal(w[0], w[1])
+
+
+def test_cli_upcycle_from_official_dense_file(tmp_path):
+    dst = tmp_path / "up.safetensors"
+    assert main(["upcycle", str(FIXTURES / "official_tiny_dense_dit.safetensors"), str(dst), "--experts", "4"]) == 0
+    model = load_model(dst)
+    io = _io("official_tiny_dense_dit")
+    with torch.no_grad():
+        torch.testing.assert_close(model(io["x"], io["t"], io["y"]), io["out_eval"], rtol=1e-5, atol=1e-6)
+
+
+def test_package_dense_swiglu_model_upcycles():
+    dense = ditmoe.create_model("debug-dense", dense_mlp_type="swiglu")
+    with torch.no_grad():
+        for p in dense.parameters():
+            p.normal_(0, 0.05)
+    moe = upcycle(dense, num_experts=3, top_k=2)
+    x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([5, 900]), torch.tensor([1, 10])
+    with torch.no_grad():
+        torch.testing.assert_close(moe(x, t, y), dense(x, t, y), rtol=1e-5, atol=1e-6)

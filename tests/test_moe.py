@@ -1,0 +1,137 @@
+"""The MoE layer against a slow, obviously-correct per-token reference."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ditmoe.models import moe as moe_mod
+from ditmoe.models.moe import MoE, balance_loss
+
+
+def reference_moe(layer: MoE, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Token by token: sum_k w_k * expert_k(x) + shared(x), in float64."""
+    ex = layer.experts
+    flat = x.reshape(-1, x.shape[-1]).double()
+    out = torch.zeros_like(flat)
+    for t in range(flat.shape[0]):
+        for slot in range(idx.shape[1]):
+            e = idx[t, slot].item()
+            h = flat[t] @ ex.w_in[e].double()
+            if ex.kind == "swiglu":
+                g, u = h.split(ex.hidden)
+                a = F.silu(g) * u
+                y = a @ ex.w_out[e].double()
+            else:
+                a = F.gelu(h + ex.b_in[e].double(), approximate="tanh")
+                y = a @ ex.w_out[e].double() + ex.b_out[e].double()
+            out[t] += w[t, slot].double() * y
+    if layer.shared_experts is not None:
+        s = layer.shared_experts
+        out += F.linear(F.silu(F.linear(flat, s.gate_proj.weight.double())) * F.linear(flat, s.up_proj.weight.double()),
+                        s.down_proj.weight.double())
+    return out.view(x.shape)
+
+
+class ForcedGate(torch.nn.Module):
+    """A router stand-in that returns a planted choice `idx` (T, k) with random weights."""
+
+    def __init__(self, idx: torch.Tensor, num_experts: int):
+        super().__init__()
+        self.idx, self.num_experts = idx, num_experts
+        self.w = torch.rand(idx.shape, generator=torch.Generator().manual_seed(1)) + 0.1
+
+    def forward(self, x):
+        probs = torch.full((x.shape[0], self.num_experts), 1.0 / self.num_experts)
+        return self.idx, self.w, probs
+
+
+def make_layer(kind="swiglu", shared=32, experts=4, k=2, dim=16, hidden=24):
+    torch.manual_seed(0)
+    layer = MoE(dim, experts, k, hidden, shared, kind=kind)
+    if kind == "gelu":
+        with torch.no_grad():
+            layer.experts.b_in.normal_()
+            layer.experts.b_out.normal_()
+    return layer
+
+
+@pytest.mark.parametrize("kind", ["swiglu", "gelu"])
+@pytest.mark.parametrize("pattern", ["random", "one_expert_gets_all", "some_experts_empty"])
+@pytest.mark.parametrize("use_grouped_mm", [True, False])
+def test_dispatch_matches_reference(kind, pattern, use_grouped_mm, monkeypatch):
+    layer = make_layer(kind)
+    x = torch.randn(3, 10, 16)
+    t = 30
+    if pattern == "random":
+        idx = torch.stack([torch.randperm(4)[:2] for _ in range(t)])
+    elif pattern == "one_expert_gets_all":  # expert 3 in slot 0 of every token, expert 1 never used
+        idx = torch.stack([torch.tensor([3, 0 if i % 2 else 2]) for i in range(t)])
+    else:  # experts 0 and 2 get nothing
+        idx = torch.stack([torch.tensor([1, 3]) if i % 2 else torch.tensor([3, 1]) for i in range(t)])
+    layer.gate = ForcedGate(idx, 4)
+    w = layer.gate.w
+    if not use_grouped_mm:
+        monkeypatch.setattr(moe_mod, "_grouped_mm_supported", lambda a, b: False)
+    y = layer(x)
+    ref = reference_moe(layer, x, idx, w)
+    torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("use_grouped_mm", [True, False])
+def test_gradients_match_reference(use_grouped_mm, monkeypatch):
+    layer = make_layer("swiglu")
+    if not use_grouped_mm:
+        monkeypatch.setattr(moe_mod, "_grouped_mm_supported", lambda a, b: False)
+    x = torch.randn(2, 8, 16, requires_grad=True)
+    y = layer(x)
+    g = torch.randn_like(y)
+    y.backward(g)
+    got = {n: p.grad.clone() for n, p in layer.named_parameters()}
+    got_x = x.grad.clone()
+    layer.zero_grad()
+    x2 = x.detach().clone().requires_grad_()
+    idx, w, _ = layer.gate(x2.reshape(-1, 16))
+    ref = reference_moe(layer, x2, idx, w)
+    ref.backward(g.double())
+    for n, p in layer.named_parameters():
+        torch.testing.assert_close(got[n], p.grad, rtol=1e-4, atol=1e-5, msg=n)
+    torch.testing.assert_close(got_x, x2.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_bf16_autocast_matches_fp32_reference():
+    layer = make_layer("swiglu", dim=64, hidden=128, shared=64)
+    x = torch.randn(2, 16, 64)
+    ref = layer(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16
+    # bf16 keeps 8 mantissa bits: relative error about 2^-8 per product, a few times that overall.
+    assert ((y.float() - ref).norm() / ref.norm()).item() < 2e-2
+
+
+def test_balance_loss_matches_eq5_by_hand():
+    probs = torch.tensor([[0.5, 0.3, 0.2], [0.1, 0.6, 0.3], [0.2, 0.2, 0.6], [0.7, 0.2, 0.1]])
+    idx = torch.tensor([[0, 1], [1, 2], [2, 0], [0, 1]])
+    # f_i = E/(k T) * count_i: counts (3, 3, 2); P_i = column means.
+    e, k, t = 3, 2, 4
+    f = torch.tensor([3.0, 3.0, 2.0]) * e / (k * t)
+    p = probs.mean(0)
+    assert torch.allclose(balance_loss(probs, idx, e, 0.01), 0.01 * (f * p).sum())
+    # Perfect balance gives alpha exactly (f_i = 1, P_i = 1/E).
+    uniform = torch.full((6, 3), 1 / 3)
+    idx_bal = torch.tensor([[0, 1], [1, 2], [2, 0], [0, 1], [1, 2], [2, 0]])
+    assert torch.allclose(balance_loss(uniform, idx_bal, 3, 0.5), torch.tensor(0.5))
+
+
+def test_alpha_zero_works_and_gives_zero_loss():
+    layer = MoE(16, 4, 2, 24, 32, aux_alpha=0.0)
+    y, aux = layer(torch.randn(2, 5, 16), return_aux=True)
+    assert aux.item() == 0.0
+    y.sum().backward()  # no crash, unlike the official code
+
+
+def test_renormalised_topk_weights_sum_to_one():
+    layer = MoE(16, 8, 3, 24, 0, norm_topk=True)
+    idx, w, probs = layer.gate(torch.randn(40, 16))
+    assert torch.allclose(w.sum(-1), torch.ones(40))
+    assert torch.equal(idx.sort(-1).values, probs.topk(3).indices.sort(-1).values)
