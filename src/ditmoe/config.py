@@ -166,3 +166,73 @@ def config_field_names(cls: type) -> list[str]:
 
 
 __all__ = ["ModelConfig", "EXPERT_TYPES", "ATTN_LAYOUTS", "MOE_PLACEMENTS", "config_field_names", "field"]
+
+
+PROCESSES = ("flow", "ddpm")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+PARALLEL_MODES = ("none", "ddp", "fsdp")
+
+
+@dataclass
+class TrainConfig:
+    """Everything `ditmoe train` needs besides the model; CLI flags and config files are made from it."""
+
+    model: str = "DiT-MoE-mnist"  # registry name (see `ditmoe info --list`)
+    data: str = "mnist"  # "mnist", "digits", an image folder (one subfolder per class) or a latent cache
+    out: str = "runs/mnist"  # output folder: checkpoints, logs, samples
+    process: str = "flow"  # "flow" (rectified flow) or "ddpm" (Gaussian diffusion, MSE + VB)
+    steps: int = 3000  # optimizer steps (global batches)
+    global_batch: int = 128  # images per optimizer step, summed over processes and accumulation
+    micro_batch: int = 0  # images per forward on one process; 0 = global_batch / world size (no accumulation)
+    lr: float = 1e-4
+    warmup_steps: int = 0  # linear warm-up, then constant (the paper's schedule)
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    grad_clip: float = 0.0  # max global grad norm; 0 disables
+    ema_decay: float = 0.9999
+    precision: str = "auto"  # "auto": bf16 on CUDA, and on CPU where it measured faster; "fp32"; "bf16"; "fp16" (with loss scaling)
+    grad_checkpointing: bool = False
+    compile: bool = False  # torch.compile the model
+    parallel: str = "none"  # "none", "ddp" or "fsdp" (torchrun sets the world)
+    seed: int = 0
+    num_workers: int = 0  # data-loader worker processes (image folders benefit; in-memory MNIST does not)
+    flip: bool = True  # random horizontal flips (image folders and latent caches; never for digits)
+    log_every: int = 50  # steps between log lines / CSV rows
+    ckpt_every: int = 1000  # steps between checkpoints (one is always written at the end)
+    keep_last: int = 2  # checkpoints kept on disk
+    resume: str = ""  # "" (fresh), "auto" (latest in out/checkpoints) or a checkpoint path
+    logger: str = "csv"  # "csv" or "tensorboard" (needs the tensorboard package)
+    # rectified flow
+    time_dist: str = "logit_normal"
+    time_mean: float = 0.0
+    time_std: float = 1.0
+    # DDPM
+    noise_schedule: str = "linear"
+    diffusion_steps: int = 1000
+    progress: bool = True  # progress bar on the terminal
+
+    def validate(self) -> "TrainConfig":
+        problems = []
+        if self.process not in PROCESSES:
+            problems.append(f"process {self.process!r} is not one of {PROCESSES}")
+        if self.precision not in PRECISIONS:
+            problems.append(f"precision {self.precision!r} is not one of {PRECISIONS}")
+        if self.parallel not in PARALLEL_MODES:
+            problems.append(f"parallel {self.parallel!r} is not one of {PARALLEL_MODES}")
+        if self.steps <= 0 or self.global_batch <= 0 or self.micro_batch < 0:
+            problems.append("steps and global_batch must be positive and micro_batch >= 0")
+        if self.lr <= 0:
+            problems.append(f"lr must be positive, got {self.lr}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            problems.append(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.keep_last < 1:
+            problems.append("keep_last must be >= 1")
+        if self.logger not in ("csv", "tensorboard"):
+            problems.append(f"logger {self.logger!r} is not 'csv' or 'tensorboard'")
+        if problems:
+            raise ValueError("invalid training config: " + "; ".join(problems))
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)

@@ -26,7 +26,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -295,10 +295,8 @@ class RoutingRecorder:
         if k > 1:
             a = idx.index_select(2, counts.pair_a)  # (N, T, P) first expert of each slot pair
             b = idx.index_select(2, counts.pair_b)
-            base = br_base * e
-            co = torch.bincount(torch.cat([(base + a * e + b).reshape(-1), (base + b * e + a).reshape(-1)]),
-                                minlength=2 * e * e).view(2, e, e)
-            counts.coselect += co
+            co = torch.bincount((br_base * e + a * e + b).reshape(-1), minlength=2 * e * e).view(2, e, e)
+            counts.coselect += co + co.transpose(1, 2)  # symmetric: (i, j) and (j, i)
         # Diagonal = tokens that picked the expert (top-k ids of one token are distinct).
         counts.coselect.diagonal(dim1=1, dim2=2).add_(pos_tab.sum(1))
         # index_put_ with accumulate is deterministic on CUDA, unlike a float bincount.
@@ -351,7 +349,3 @@ class RoutingRecorder:
                         v.zero_()
         self.calls = 0
 
-
-def iter_layers(results: RoutingResults) -> Iterable[tuple[int, int]]:
-    """(position in the tables, block index) of every recorded layer."""
-    return ((i, int(b)) for i, b in enumerate(results.layers))

@@ -1,0 +1,1 @@
+"""Training: loop, EMA, atomic checkpoints, progress and logs."""

@@ -1,0 +1,100 @@
+"""Training checkpoints: atomic writes, keep-last-N, exact resume.
+
+A checkpoint is one `torch.save` file holding plain tensors and containers only, so it loads with
+`weights_only=True`: model, EMA (labelled as such), optimizer, step, RNG states, data position and
+both configs. It is written to a temporary file in the same folder and renamed into place, so a
+crash or a full disk mid-write leaves the previous checkpoint loadable.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..convert import atomic_write
+
+_NAME = re.compile(r"^step_(\d+)\.pt$")
+
+
+def checkpoint_dir(out: str | Path) -> Path:
+    return Path(out) / "checkpoints"
+
+
+def list_checkpoints(out: str | Path) -> list[Path]:
+    d = checkpoint_dir(out)
+    if not d.exists():
+        return []
+    found = [(int(m.group(1)), p) for p in d.iterdir() if (m := _NAME.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def rng_state() -> dict[str, Any]:
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": json.dumps(_numpy_state_to_json(np.random.get_state())),
+        "python": json.dumps(_python_state_to_json(random.getstate())),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(_numpy_state_from_json(json.loads(state["numpy"])))
+    random.setstate(_python_state_from_json(json.loads(state["python"])))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# numpy and python RNG states hold tuples and arrays; JSON keeps the file weights-only loadable.
+def _numpy_state_to_json(s):
+    return [s[0], s[1].tolist(), int(s[2]), int(s[3]), float(s[4])]
+
+
+def _numpy_state_from_json(s):
+    return (s[0], np.array(s[1], dtype=np.uint32), s[2], s[3], s[4])
+
+
+def _python_state_to_json(s):
+    return [s[0], list(s[1]), s[2]]
+
+
+def _python_state_from_json(s):
+    return (s[0], tuple(s[1]), s[2])
+
+
+def save_checkpoint(out: str | Path, step: int, state: dict[str, Any], keep_last: int) -> Path:
+    """Write out/checkpoints/step_XXXXXXX.pt atomically, then prune to the newest `keep_last`."""
+    path = checkpoint_dir(out) / f"step_{step:07d}.pt"
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
+    for old in list_checkpoints(out)[:-keep_last]:
+        old.unlink(missing_ok=True)
+    return path
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"checkpoint {path} could not be read ({type(e).__name__}: {e}); it may be truncated. "
+                         f"Older checkpoints in {path.parent} are still usable.") from e
+
+
+def resolve_resume(resume: str, out: str | Path) -> Path | None:
+    """'' -> None; 'auto' -> newest checkpoint in out (or None); a path -> that path."""
+    if not resume:
+        return None
+    if resume == "auto":
+        found = list_checkpoints(out)
+        return found[-1] if found else None
+    return Path(resume)

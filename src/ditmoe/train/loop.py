@@ -1,0 +1,387 @@
+"""The training loop: one code path from a laptop CPU to torchrun on several nodes.
+
+Per optimizer step ("global batch") every process runs `accum` micro-batches, each loss scaled by
+1/accum, and the optimizer and the EMA step once. The balance loss is added to the diffusion loss
+before any scaling, so its gradient is alpha times the analytic one at any accumulation count or
+loss scale (the official code injects it with a fixed weight of 1 behind the scaler's back).
+
+Data order is a pure function of (seed, step): global position p = step * global_batch + i reads
+item perm_e[p mod N] of the per-epoch permutation e = p // N, so resuming at step s continues
+exactly where the run stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from ..config import ModelConfig, TrainConfig
+from ..registry import create_model, get_config
+from .checkpoint import list_checkpoints, load_checkpoint, resolve_resume, rng_state, save_checkpoint, set_rng_state
+from .ema import EMA
+from .progress import ExpertLoadTracker, Progress, RunLogger
+
+
+# ----------------------------------------------------------------------------- data order
+class StepBatchSampler(torch.utils.data.Sampler):
+    """Yields this rank's micro-batches of indices, step by step, from `start_step` on."""
+
+    def __init__(self, n: int, global_batch: int, micro_batch: int, rank: int, world: int, seed: int,
+                 start_step: int, steps: int):
+        if global_batch % world or (global_batch // world) % micro_batch:
+            raise ValueError(f"global_batch {global_batch} must split into {world} processes x micro_batch {micro_batch}")
+        self.n, self.g, self.mb, self.rank, self.world = n, global_batch, micro_batch, rank, world
+        self.seed, self.start, self.steps = seed, start_step, steps
+        self._perm_epoch, self._perm = -1, None
+
+    def _perm_for(self, epoch: int) -> torch.Tensor:
+        if epoch != self._perm_epoch:
+            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._perm, self._perm_epoch = torch.randperm(self.n, generator=gen), epoch
+        return self._perm
+
+    def global_indices(self, step: int) -> list[int]:
+        out = []
+        for p in range(step * self.g, (step + 1) * self.g):
+            out.append(int(self._perm_for(p // self.n)[p % self.n]))
+        return out
+
+    def __iter__(self) -> Iterator[list[int]]:
+        per_rank = self.g // self.world
+        for step in range(self.start, self.steps):
+            idx = self.global_indices(step)[self.rank * per_rank:(self.rank + 1) * per_rank]
+            for i in range(0, per_rank, self.mb):
+                yield idx[i:i + self.mb]
+
+    def __len__(self) -> int:
+        return (self.steps - self.start) * (self.g // self.world // self.mb)
+
+
+# ------------------------------------------------------------------------------ set-up
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(parallel: str) -> DistInfo:
+    """Join the torchrun world (if any). Ranks come from RANK / WORLD_SIZE, never LOCAL_RANK."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if parallel == "none" and world > 1:
+        parallel = "ddp"
+    if world == 1 and parallel == "none":
+        dev = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+        return DistInfo(device=dev)
+    import torch.distributed as dist
+
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        dev = torch.device("cuda", local_rank)
+    else:
+        dev = torch.device("cpu")
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, dev)
+
+
+def choose_precision(precision: str, device: torch.device, model_cfg: ModelConfig) -> torch.dtype | None:
+    """Autocast dtype, or None for fp32.
+
+    "auto" picks bf16 on CUDA, and on CPU only for models wide enough that bf16 GEMMs (AMX) beat
+    the per-op casts: at hidden size 128 a CPU training step measured slower under autocast
+    (benchmarks/precision_cpu.py), from 384 (the S models) on it is faster.
+    """
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    if precision == "fp16":
+        return torch.float16
+    if device.type == "cuda":
+        return torch.bfloat16
+    return torch.bfloat16 if model_cfg.hidden_size >= 384 else None
+
+
+def build_process(cfg: TrainConfig, model_cfg: ModelConfig):
+    if cfg.process == "flow":
+        from ..diffusion.flow import RectifiedFlow
+
+        return RectifiedFlow(cfg.time_dist, cfg.time_mean, cfg.time_std)
+    from ..diffusion.gaussian import create_diffusion
+
+    return create_diffusion(None, noise_schedule=cfg.noise_schedule, diffusion_steps=cfg.diffusion_steps,
+                            learn_sigma=model_cfg.learn_sigma)
+
+
+def resolve_model_config(cfg: TrainConfig, model_overrides: dict[str, Any], data_info: Any) -> ModelConfig:
+    """Registry config + the data's channels / classes + process defaults + the user's overrides."""
+    base = get_config(cfg.model)
+    auto: dict[str, Any] = {"in_channels": data_info.channels, "num_classes": data_info.num_classes}
+    if cfg.process == "flow":
+        # Flows trained here embed t * 1000 (same range as DDPM) and need no variance output.
+        auto.update(timestep_scale=1000.0, learn_sigma=False)
+    else:
+        auto.update(timestep_scale=1.0)
+    merged = {**auto, **model_overrides}
+    model_cfg = base.replace(**merged).validate()
+    if model_cfg.input_size != data_info.image_size:
+        raise ValueError(
+            f"model {cfg.model} expects {model_cfg.input_size}x{model_cfg.input_size} inputs but the data "
+            f"({cfg.data}) gives {data_info.image_size}x{data_info.image_size}; set --model-input-size "
+            f"{data_info.image_size} or use data of the model's size")
+    return model_cfg
+
+
+def describe_config_difference(a: dict[str, Any], b: dict[str, Any]) -> str:
+    keys = sorted(set(a) | set(b))
+    diffs = [f"{k}: checkpoint {a.get(k)!r} vs now {b.get(k)!r}" for k in keys if a.get(k) != b.get(k)]
+    return "; ".join(diffs[:8])
+
+
+# ------------------------------------------------------------------------------ trainer
+class Trainer:
+    """Builds everything from a TrainConfig and runs the loop. `run()` returns a summary dict."""
+
+    def __init__(self, cfg: TrainConfig, model_overrides: dict[str, Any] | None = None):
+        self.cfg = cfg.validate()
+        self.dist = init_distributed(cfg.parallel)
+        self.out = Path(cfg.out)
+        from ..data import build_dataset
+
+        # Image folders are resized to the model's input; read it from the registry before the
+        # data exists (the data's channels and classes then fill in the rest).
+        overrides = dict(model_overrides or {})
+        size = overrides.get("input_size", get_config(cfg.model).input_size)
+        self.dataset, self.data_info = build_dataset(cfg.data, image_size=size, flip=cfg.flip)
+        self.model_cfg = resolve_model_config(cfg, overrides, self.data_info)
+        self.process = build_process(cfg, self.model_cfg)
+
+        world = self.dist.world
+        micro = cfg.micro_batch or cfg.global_batch // world
+        if cfg.global_batch % (world * micro):
+            raise ValueError(f"global_batch {cfg.global_batch} is not divisible by {world} processes x micro_batch {micro}")
+        self.micro_batch = micro
+        self.accum = cfg.global_batch // (world * micro)
+
+        torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+        self.model = create_model(self.model_cfg).to(self.dist.device)
+        self.model.gradient_checkpointing = cfg.grad_checkpointing
+        self.ema = EMA(self.model, cfg.ema_decay)
+        self.autocast_dtype = choose_precision(cfg.precision, self.dist.device, self.model_cfg)
+
+        from ..parallel import wrap_model
+
+        self.train_model = wrap_model(self.model, cfg.parallel, self.dist)
+        if cfg.compile:
+            self.train_model = torch.compile(self.train_model)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                           weight_decay=cfg.weight_decay)
+        # Loss scaling only matters for fp16; for bf16 / fp32 the scaler is a pass-through.
+        self.scaler = torch.amp.GradScaler(self.dist.device.type, enabled=self.autocast_dtype == torch.float16)
+        self.step = 0
+        # Per-rank noise stream, checkpointed with the rest of the RNG state.
+        self.noise_gen = torch.Generator(self.dist.device).manual_seed(cfg.seed * 7919 + self.dist.rank + 1)
+        torch.manual_seed(cfg.seed + self.dist.rank)  # label dropout draws from the global RNG
+        self._maybe_resume()
+
+    # ------------------------------------------------------------------ checkpoints
+    def _state(self) -> dict[str, Any]:
+        from ..parallel import full_model_state, full_optimizer_state
+
+        return {
+            "format": "ditmoe-train",
+            "step": self.step,
+            "model": full_model_state(self.model, self.cfg.parallel),
+            "ema": self.ema.state_dict(),
+            "weights_note": "'ema' holds the exponential moving average (decay %g); results use it" % self.cfg.ema_decay,
+            "optimizer": full_optimizer_state(self.model, self.optimizer, self.cfg.parallel),
+            "rng": rng_state(),
+            "noise_gen": self.noise_gen.get_state(),
+            "data_position": {"step": self.step, "seed": self.cfg.seed, "global_batch": self.cfg.global_batch},
+            "train_config": json.dumps(self.cfg.to_dict()),
+            "model_config": self.model_cfg.to_json(),
+        }
+
+    def save(self) -> Path | None:
+        state = self._state()  # collective under FSDP: every rank takes part
+        if not self.dist.is_main:
+            return None
+        previous = list_checkpoints(self.out)
+        try:
+            return save_checkpoint(self.out, self.step, state, self.cfg.keep_last)
+        except OSError as e:
+            keep = f"; the previous checkpoint {previous[-1]} is intact" if previous else ""
+            raise RuntimeError(f"writing the step-{self.step} checkpoint in {self.out / 'checkpoints'} failed "
+                               f"({e.strerror or e}){keep}. Free disk space and resume with --resume auto.") from e
+
+    def _maybe_resume(self) -> None:
+        path = resolve_resume(self.cfg.resume, self.out)
+        if path is None:
+            return
+        state = load_checkpoint(path)
+        saved_model = json.loads(state["model_config"])
+        if saved_model != self.model_cfg.to_dict():
+            raise ValueError(f"checkpoint {path} was trained with another model config "
+                             f"({describe_config_difference(saved_model, self.model_cfg.to_dict())}); "
+                             "resume with the same --model and overrides, or start a new --out folder")
+        saved_train = json.loads(state["train_config"])
+        for key in ("global_batch", "seed", "process", "data"):
+            if saved_train.get(key) != getattr(self.cfg, key):
+                raise ValueError(f"checkpoint {path} used {key}={saved_train.get(key)!r} but this run has "
+                                 f"{key}={getattr(self.cfg, key)!r}; exact resume needs the same value")
+        from ..parallel import load_full_model_state, load_full_optimizer_state
+
+        load_full_model_state(self.model, state["model"], self.cfg.parallel)
+        self.ema.load_state_dict(state["ema"])
+        load_full_optimizer_state(self.model, self.optimizer, state["optimizer"], self.cfg.parallel)
+        self.step = int(state["step"])
+        if self.dist.world == 1:  # per-rank streams differ; a changed world size re-seeds them
+            set_rng_state(state["rng"])
+            self.noise_gen.set_state(state["noise_gen"])
+        else:
+            torch.manual_seed(self.cfg.seed * 31 + self.step * 1009 + self.dist.rank)
+            self.noise_gen.manual_seed(self.cfg.seed * 7919 + self.step * 104729 + self.dist.rank + 1)
+        if self.dist.is_main:
+            print(f"resumed from {path} at step {self.step}")
+
+    # ------------------------------------------------------------------ one step
+    def loss_terms(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+        n, dev = x.shape[0], x.device
+        noise = torch.randn(x.shape, device=dev, generator=self.noise_gen)
+        model = self.train_model
+
+        def model_fn(xt, t, y):
+            return model(xt, t, y, return_aux=True)
+
+        with torch.autocast(dev.type, dtype=self.autocast_dtype or torch.float32, enabled=self.autocast_dtype is not None):
+            if self.cfg.process == "flow":
+                t = self.process.sample_t(n, dev, self.noise_gen)
+                terms = self.process.training_losses(model_fn, x, t=t, noise=noise, model_kwargs={"y": y})
+            else:
+                t = self.process.sample_timesteps(n, dev, self.noise_gen)
+                terms = self.process.training_losses(model_fn, x, t, noise=noise, model_kwargs={"y": y})
+        diffusion = terms["loss"].float().mean()
+        balance = terms["aux"].float().sum() if "aux" in terms and terms["aux"].numel() else diffusion.new_zeros(())
+        return {"loss": diffusion + balance, "diffusion": diffusion, "balance": balance, "mse": terms["mse"].float().mean()}
+
+    def accumulate(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """Forward and backward over one global batch's micro-batches; returns the mean terms.
+
+        Each micro-batch loss (diffusion + balance) is divided by the accumulation count before
+        the (optional fp16) loss scaling, so gradients equal those of one big batch.
+        """
+        from ..parallel import no_sync_if
+
+        totals: dict[str, torch.Tensor] = {}
+        for micro, (x, y) in enumerate(micro_batches):
+            x, y = x.to(self.dist.device, non_blocking=True), y.to(self.dist.device, non_blocking=True)
+            with no_sync_if(self.train_model, micro < len(micro_batches) - 1):
+                terms = self.loss_terms(x, y)
+                self.scaler.scale(terms["loss"] / len(micro_batches)).backward()
+            for k, v in terms.items():
+                totals[k] = totals.get(k, 0.0) + v.detach() / len(micro_batches)
+        return totals
+
+    def optimizer_step(self) -> torch.Tensor | None:
+        """Unscale, clip, step the optimizer and the EMA once per global batch."""
+        self.scaler.unscale_(self.optimizer)
+        grad_norm = None
+        if self.cfg.grad_clip > 0:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.ema.update(self.model)
+        return grad_norm
+
+    def _lr_at(self, step: int) -> float:
+        if self.cfg.warmup_steps and step < self.cfg.warmup_steps:
+            return self.cfg.lr * (step + 1) / self.cfg.warmup_steps
+        return self.cfg.lr
+
+    # ------------------------------------------------------------------ the loop
+    def run(self) -> dict[str, Any]:
+        cfg, dist = self.cfg, self.dist
+        sampler = StepBatchSampler(len(self.dataset), cfg.global_batch, self.micro_batch, dist.rank, dist.world,
+                                   cfg.seed, self.step, cfg.steps)
+        loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=sampler, num_workers=cfg.num_workers,
+                                             persistent_workers=cfg.num_workers > 0)
+        logger = RunLogger(self.out, enabled=dist.is_main, kind=cfg.logger)
+        if dist.is_main:
+            (self.out).mkdir(parents=True, exist_ok=True)
+            (self.out / "config.json").write_text(json.dumps(
+                {"train": cfg.to_dict(), "model": self.model_cfg.to_dict()}, indent=2))
+        tracker = ExpertLoadTracker(self.model)
+        progress = Progress(cfg.steps, self.step, enabled=dist.is_main and cfg.progress)
+        self.train_model.train()
+        start_step, t_start = self.step, time.perf_counter()
+        window_t, window_imgs = time.perf_counter(), 0
+        sums = {"loss": 0.0, "diffusion": 0.0, "balance": 0.0, "mse": 0.0}
+        n_in_window, last = 0, {}
+        batches = iter(loader)
+        with tracker:
+            while self.step < cfg.steps:
+                for group in self.optimizer.param_groups:
+                    group["lr"] = self._lr_at(self.step)
+                step_terms = self.accumulate([next(batches) for _ in range(self.accum)])
+                grad_norm = self.optimizer_step()
+                self.step += 1
+                window_imgs += cfg.global_batch
+                for k in sums:  # stays on the device: no host sync between log lines
+                    sums[k] = sums[k] + step_terms[k]
+                n_in_window += 1
+                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                    now = time.perf_counter()
+                    last = {k: float(v) / n_in_window for k, v in sums.items()}
+                    last["images_per_s"] = window_imgs / max(now - window_t, 1e-9)
+                    last["lr"] = self._lr_at(self.step - 1)
+                    if grad_norm is not None:
+                        last["grad_norm"] = float(grad_norm)
+                    loads = tracker.fractions_and_reset()
+                    last["expert_load_cv"] = tracker.mean_cv(loads)
+                    logger.log(self.step, last, loads)
+                    progress.set(last)
+                    sums = {k: 0.0 for k in sums}
+                    n_in_window, window_t, window_imgs = 0, now, 0
+                progress.update(self.step)
+                if self.step % cfg.ckpt_every == 0 and self.step < cfg.steps:
+                    self.save()
+        progress.close()
+        ckpt = self.save()
+        elapsed = time.perf_counter() - t_start
+        summary = {
+            "steps": self.step, "steps_this_run": self.step - start_step, "seconds": elapsed,
+            "images_per_s": (self.step - start_step) * cfg.global_batch / max(elapsed, 1e-9),
+            "final": last, "checkpoint": str(ckpt) if ckpt else None,
+            "precision": str(self.autocast_dtype or "fp32"), "accumulation": self.accum, "world_size": dist.world,
+            "model": self.model_cfg.name, "parameters": sum(p.numel() for p in self.model.parameters()),
+        }
+        if dist.is_main:
+            from ..convert import save_model
+
+            save_model(self.ema.model, self.out / "model_ema.safetensors", extra_meta={"weights": "ema"})
+            (self.out / "train_summary.json").write_text(json.dumps(summary, indent=2))
+            logger.close()
+            print(f"trained {summary['steps_this_run']} steps in {elapsed / 60:.1f} min "
+                  f"({summary['images_per_s']:.0f} images/s, {summary['precision']}); final loss "
+                  f"{last.get('loss', float('nan')):.4f}, balance loss {last.get('balance', float('nan')):.4f}; "
+                  f"EMA weights: {self.out / 'model_ema.safetensors'}")
+        return summary
+
+
+def train(cfg: TrainConfig, model_overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    return Trainer(cfg, model_overrides).run()
