@@ -259,21 +259,26 @@ class Trainer:
             print(f"resumed from {path} at step {self.step}")
 
     # ------------------------------------------------------------------ one step
+    def draw_noise(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.randn(x.shape, device=x.device, generator=self.noise_gen)
+
+    def draw_times(self, n: int, device: torch.device) -> torch.Tensor:
+        if self.cfg.process == "flow":
+            return self.process.sample_t(n, device, self.noise_gen)
+        return self.process.sample_timesteps(n, device, self.noise_gen)
+
     def loss_terms(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Diffusion loss (batch mean), balance loss (sum over MoE layers) and their sum."""
         n, dev = x.shape[0], x.device
-        noise = torch.randn(x.shape, device=dev, generator=self.noise_gen)
+        t = self.draw_times(n, dev)
+        noise = self.draw_noise(x)
         model = self.train_model
 
         def model_fn(xt, t, y):
             return model(xt, t, y, return_aux=True)
 
         with torch.autocast(dev.type, dtype=self.autocast_dtype or torch.float32, enabled=self.autocast_dtype is not None):
-            if self.cfg.process == "flow":
-                t = self.process.sample_t(n, dev, self.noise_gen)
-                terms = self.process.training_losses(model_fn, x, t=t, noise=noise, model_kwargs={"y": y})
-            else:
-                t = self.process.sample_timesteps(n, dev, self.noise_gen)
-                terms = self.process.training_losses(model_fn, x, t, noise=noise, model_kwargs={"y": y})
+            terms = self.process.training_losses(model_fn, x, t, noise=noise, model_kwargs={"y": y})
         diffusion = terms["loss"].float().mean()
         balance = terms["aux"].float().sum() if "aux" in terms and terms["aux"].numel() else diffusion.new_zeros(())
         return {"loss": diffusion + balance, "diffusion": diffusion, "balance": balance, "mse": terms["mse"].float().mean()}
@@ -318,8 +323,11 @@ class Trainer:
         cfg, dist = self.cfg, self.dist
         sampler = StepBatchSampler(len(self.dataset), cfg.global_batch, self.micro_batch, dist.rank, dist.world,
                                    cfg.seed, self.step, cfg.steps)
+        # The loader gets its own generator: creating its iterator must not consume the global RNG,
+        # whose state the checkpoint restores.
         loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=sampler, num_workers=cfg.num_workers,
-                                             persistent_workers=cfg.num_workers > 0)
+                                             persistent_workers=cfg.num_workers > 0,
+                                             generator=torch.Generator().manual_seed(cfg.seed))
         logger = RunLogger(self.out, enabled=dist.is_main, kind=cfg.logger)
         if dist.is_main:
             (self.out).mkdir(parents=True, exist_ok=True)

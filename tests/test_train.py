@@ -1,0 +1,191 @@
+"""Training loop: exact resume, accumulation, balance-loss gradient, checkpoints and bad input."""
+
+import errno
+import json
+
+import pytest
+import torch
+
+from ditmoe.cli import main
+from ditmoe.config import TrainConfig
+from ditmoe.train import checkpoint as ckpt_mod
+from ditmoe.train.checkpoint import list_checkpoints, load_checkpoint
+from ditmoe.train.loop import Trainer
+
+
+def tiny_cfg(tmp_path, **kw) -> TrainConfig:
+    base = dict(model="debug", data="digits", out=str(tmp_path / "run"), steps=4, global_batch=16, lr=1e-3,
+                ema_decay=0.9, log_every=2, ckpt_every=2, keep_last=2, progress=False, precision="fp32")
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def tiny_trainer(tmp_path, overrides=None, **kw) -> Trainer:
+    return Trainer(tiny_cfg(tmp_path, **kw), {"input_size": 8, **(overrides or {})})
+
+
+@pytest.mark.parametrize("process", ["flow", "ddpm"])
+def test_resume_is_exact(tmp_path, process):
+    straight = tiny_trainer(tmp_path / "a", process=process)
+    straight.run()
+    first = tiny_trainer(tmp_path / "b", process=process, steps=2)
+    first.run()
+    resumed = tiny_trainer(tmp_path / "b", process=process, steps=4, resume="auto")
+    assert resumed.step == 2
+    resumed.run()
+    for (k, a), (_, b) in zip(straight.model.state_dict().items(), resumed.model.state_dict().items()):
+        assert torch.equal(a, b), k
+    for (k, a), (_, b) in zip(straight.ema.state_dict().items(), resumed.ema.state_dict().items()):
+        assert torch.equal(a, b), k
+
+
+
+def test_accumulation_equals_one_big_batch(tmp_path):
+    grads = []
+    x = torch.randn(16, 1, 8, 8)
+    y = torch.randint(0, 10, (16,))
+    t_all = torch.rand(16)
+    for accum in (1, 4):
+        tr = tiny_trainer(tmp_path / f"acc{accum}", overrides={"aux_alpha": 0.0, "class_dropout_prob": 0.0})
+        torch.manual_seed(0)
+        micro = 16 // accum
+        batches = [(x[i:i + micro], y[i:i + micro]) for i in range(0, 16, micro)]
+        queue = [t_all[i:i + micro] for i in range(0, 16, micro)]
+        tr.draw_noise = lambda xb: torch.sin(7.0 * xb + 1.0)
+        tr.draw_times = lambda n, dev, q=queue: q.pop(0)
+        tr.accumulate(batches)
+        grads.append({n: p.grad.clone() for n, p in tr.model.named_parameters() if p.grad is not None})
+    for k in grads[0]:
+        torch.testing.assert_close(grads[0][k], grads[1][k], rtol=1e-4, atol=1e-6, msg=k)
+
+
+def analytic_router_grad(x_tokens, weight, topk_idx, k):
+    """d/dW of sum_i f_i P_i for one batch of tokens (f treated as constant, as in Eq. 5)."""
+    p = torch.softmax(x_tokens.double() @ weight.double().t(), dim=-1)  # (T, E)
+    t, e = p.shape
+    f = torch.bincount(topk_idx.reshape(-1), minlength=e).double() * e / (k * t)
+    dz = p * (f - (p * f).sum(-1, keepdim=True)) / t  # (T, E)
+    return dz.t() @ x_tokens.double()  # (E, D)
+
+
+@pytest.mark.parametrize("accum,loss_scale", [(1, 1.0), (4, 1.0), (4, 65536.0)])
+def test_balance_loss_gradient_is_alpha_times_analytic(tmp_path, accum, loss_scale):
+    alpha = 0.01
+    tr = tiny_trainer(tmp_path, overrides={"aux_alpha": alpha})
+    tr.scaler = torch.amp.GradScaler("cpu", init_scale=loss_scale, enabled=loss_scale != 1.0)
+    # Only the balance loss: zero the diffusion term (keeping the graph).
+    real = tr.process.training_losses
+
+    def balance_only(*a, **kw):
+        terms = real(*a, **kw)
+        terms["loss"] = terms["loss"] * 0.0
+        return terms
+
+    tr.process.training_losses = balance_only
+    captured = []
+    moe = tr.model.blocks[1].moe
+    orig_gate = moe.gate.forward
+
+    def spy(x):
+        out = orig_gate(x)
+        captured.append((x.detach().clone(), out[0].detach().clone()))
+        return out
+
+    moe.gate.forward = spy
+    x = torch.randn(16, 1, 8, 8)
+    y = torch.randint(0, 10, (16,))
+    micro = 16 // accum
+    tr.accumulate([(x[i:i + micro], y[i:i + micro]) for i in range(0, 16, micro)])
+    tr.scaler.unscale_(tr.optimizer)
+    expected = sum(analytic_router_grad(xt, moe.gate.weight.detach(), idx, 2) for xt, idx in captured) * alpha / accum
+    torch.testing.assert_close(moe.gate.weight.grad.double(), expected, rtol=1e-4, atol=1e-9)
+
+
+def test_checkpoint_contents_and_keep_last(tmp_path):
+    tr = tiny_trainer(tmp_path, steps=6, ckpt_every=2, keep_last=2)
+    tr.run()
+    paths = list_checkpoints(tmp_path / "run")
+    assert [p.name for p in paths] == ["step_0000004.pt", "step_0000006.pt"]
+    state = load_checkpoint(paths[-1])
+    assert state["step"] == 6 and "ema" in state and "optimizer" in state and "rng" in state
+    assert "exponential moving average" in state["weights_note"]
+    assert json.loads(state["model_config"])["input_size"] == 8
+    assert (tmp_path / "run" / "model_ema.safetensors").exists()
+    from ditmoe.convert import load_model
+
+    ema = load_model(tmp_path / "run" / "model_ema.safetensors")
+    for k, v in ema.state_dict().items():
+        assert torch.equal(v, state["ema"][k])
+
+
+def test_failed_checkpoint_write_keeps_previous(tmp_path, monkeypatch):
+    tr = tiny_trainer(tmp_path, steps=2)
+    tr.run()
+    good = list_checkpoints(tmp_path / "run")[-1]
+
+    def full_disk(obj, path):
+        with open(path, "wb") as f:
+            f.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ckpt_mod.torch, "save", full_disk)
+    tr.step = 3
+    with pytest.raises(RuntimeError, match=r"No space left on device.*step_0000002.pt is intact"):
+        tr.save()
+    monkeypatch.undo()
+    assert list_checkpoints(tmp_path / "run") == [good]
+    assert load_checkpoint(good)["step"] == 2
+    assert not [p for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.endswith(".tmp")]
+
+
+def test_resume_with_another_config_is_refused(tmp_path):
+    tiny_trainer(tmp_path, steps=2).run()
+    with pytest.raises(ValueError, match=r"another model config \(num_experts: checkpoint 4 vs now 2"):
+        tiny_trainer(tmp_path, overrides={"num_experts": 2}, resume="auto")
+
+
+def test_unknown_model_name_is_a_clear_cli_error(tmp_path, capsys):
+    assert main(["train", "--model", "DiT-MoE-Z/2", "--data", "digits", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "unknown model name 'DiT-MoE-Z/2'" in err and "DiT-MoE-S/2-8E2A" in err
+
+
+def test_truncated_checkpoint_is_reported(tmp_path):
+    bad = tmp_path / "step_0000001.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="could not be read"):
+        load_checkpoint(bad)
+
+
+def test_train_help_lists_every_option_with_default(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    out = capsys.readouterr().out
+    for field in TrainConfig.__dataclass_fields__:
+        assert "--" + field.replace("_", "-") in out, field
+    flat = " ".join(out.split())
+    assert "--steps INT (default: 3000)" in flat and "--lr FLOAT (default: 0.0001)" in flat
+    assert "--model-num-experts N (default: registry value)" in flat
+
+
+def test_config_file_and_flags(tmp_path):
+    from ditmoe.commands import train_config_from_args
+    from ditmoe.cli import build_parser
+
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("steps: 7\nlr: 0.0003\nmodel_overrides:\n  num_experts: 6\n")
+    args = build_parser().parse_args(["train", "--config", str(cfg_file), "--lr", "0.0005", "--model-top-k", "3"])
+    cfg, overrides = train_config_from_args(args)
+    assert cfg.steps == 7 and cfg.lr == 0.0005 and overrides == {"num_experts": 6, "top_k": 3}
+
+
+def test_cli_train_writes_run_folder(tmp_path):
+    out = tmp_path / "cli"
+    assert main(["train", "--model", "debug", "--model-input-size", "8", "--data", "digits", "--steps", "3",
+                 "--global-batch", "8", "--log-every", "1", "--out", str(out), "--progress", "false"]) == 0
+    rows = (out / "metrics.csv").read_text().splitlines()
+    assert rows[0].startswith("step,") and "balance" in rows[0] and len(rows) == 4
+    loads = (out / "expert_load.csv").read_text().splitlines()
+    assert loads[0] == "step,layer,expert_0,expert_1,expert_2,expert_3" and len(loads) == 1 + 3 * 2
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["steps"] == 3
