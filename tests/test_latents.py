@@ -1,0 +1,291 @@
+"""VAE wrapper and latent cache, against a tiny randomly initialised diffusers AutoencoderKL."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+pytest.importorskip("diffusers")
+
+from ditmoe.data import build_dataset  # noqa: E402
+from ditmoe.data.latents import LatentDataset, extract_latents, read_latent_metadata  # noqa: E402
+from ditmoe.data.vae import SD_SCALING_FACTOR, VAE, load_vae  # noqa: E402
+
+SIZE = 32  # pixels; the tiny VAE downsamples 2x -> 16x16x4 latents
+
+
+def adm_center_crop_reference(pil_image: Image.Image, image_size: int) -> np.ndarray:
+    """guided-diffusion's center_crop_arr, verbatim."""
+    while min(*pil_image.size) >= 2 * image_size:
+        pil_image = pil_image.resize(tuple(x // 2 for x in pil_image.size), resample=Image.BOX)
+    scale = image_size / min(*pil_image.size)
+    pil_image = pil_image.resize(tuple(round(x * scale) for x in pil_image.size), resample=Image.BICUBIC)
+    arr = np.array(pil_image)
+    crop_y = (arr.shape[0] - image_size) // 2
+    crop_x = (arr.shape[1] - image_size) // 2
+    return arr[crop_y : crop_y + image_size, crop_x : crop_x + image_size]
+
+
+def ref_tensor(path: str, image_size: int) -> torch.Tensor:
+    with Image.open(path) as im:
+        arr = adm_center_crop_reference(im.convert("RGB"), image_size)
+    return torch.from_numpy(arr.astype(np.float32) / 127.5 - 1.0).permute(2, 0, 1)
+
+
+def save_img(path: Path, w: int, h: int, seed: int = 0) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def tiny_autoencoder(scaling_factor: float | None = None):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    kw = {} if scaling_factor is None else {"scaling_factor": scaling_factor}
+    return AutoencoderKL(
+        in_channels=3, out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(8, 16), latent_channels=4, layers_per_block=1, norm_num_groups=8,
+        sample_size=32, **kw,
+    ).eval()
+
+
+@pytest.fixture(scope="module")
+def vae_dir(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("vae")
+    tiny_autoencoder().save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def vae(vae_dir) -> VAE:
+    return load_vae(vae_dir)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("imgs")
+    sizes = {"b_dog": [(40, 36), (64, 48), (33, 80)], "a_cat": [(32, 32), (90, 50)]}
+    k = 0
+    for c, ss in sizes.items():
+        for w, h in ss:
+            save_img(root / c / f"{k}.png", w, h, seed=k)
+            k += 1
+    (root / "b_dog" / "broken.png").write_bytes(b"\x89PNG not really")
+    return root
+
+
+@pytest.fixture(scope="module")
+def cache32(folder, vae, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("lat") / "lat32.safetensors"
+    return extract_latents(folder, vae, out, image_size=SIZE, batch_size=2, dtype="float32", progress=False)
+
+
+# ------------------------------------------------------------------------------------ VAE
+def test_vae_wrapper_matches_diffusers(vae):
+    ref = tiny_autoencoder()
+    x = torch.rand(3, 3, SIZE, SIZE) * 2 - 1
+    mean, logvar = vae.encode(x)
+    dist = ref.encode(x).latent_dist
+    torch.testing.assert_close(mean, dist.mean.detach())
+    torch.testing.assert_close(logvar, dist.logvar.detach())
+    assert vae.scaling_factor == SD_SCALING_FACTOR == 0.18215
+    assert vae.latent_shape(SIZE) == (4, 16, 16) == tuple(mean.shape[1:])
+    torch.testing.assert_close(vae.encode_latents(x, sample=False), mean * 0.18215)
+    g = torch.Generator().manual_seed(3)
+    z = vae.encode_latents(x, generator=g)
+    eps = torch.randn(mean.shape, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(z, (mean + torch.exp(0.5 * logvar) * eps) * 0.18215)
+    img = vae.decode(z)
+    torch.testing.assert_close(img, ref.decode(z / 0.18215).sample.detach().clamp(-1, 1))
+    assert img.shape == (3, 3, SIZE, SIZE) and float(img.abs().max()) <= 1.0
+    with pytest.raises(ValueError, match="not divisible"):
+        vae.latent_shape(33)
+
+
+def test_vae_scaling_factor_from_config_and_override(tmp_path):
+    tiny_autoencoder(scaling_factor=0.5).save_pretrained(tmp_path / "v")
+    assert load_vae(tmp_path / "v").scaling_factor == 0.5
+    assert load_vae(tmp_path / "v", scaling_factor=0.25).scaling_factor == 0.25
+
+
+def test_vae_pipeline_folder_layout(vae_dir, tmp_path):
+    import shutil
+
+    shutil.copytree(vae_dir, tmp_path / "sd" / "vae")  # a full SD pipeline folder
+    assert load_vae(tmp_path / "sd").latent_channels == 4
+
+
+def test_vae_errors(tmp_path, monkeypatch):
+    with pytest.raises(FileNotFoundError, match=r"does not exist.*huggingface-cli download"):
+        load_vae(tmp_path / "missing")
+    (tmp_path / "novae").mkdir()
+    (tmp_path / "novae" / "weights.bin").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match=r"no config\.json \(it holds: \['weights\.bin'\]\)"):
+        load_vae(tmp_path / "novae")
+    (tmp_path / "ok").mkdir()
+    (tmp_path / "ok" / "config.json").write_text("{}")
+    monkeypatch.setitem(sys.modules, "diffusers", None)  # makes `import diffusers` fail
+    with pytest.raises(ModuleNotFoundError, match=r"pip install 'ditmoe\[latent\]'"):
+        load_vae(tmp_path / "ok")
+
+
+def test_no_diffusers_import_at_module_import():
+    code = (
+        "import sys, ditmoe.data, ditmoe.data.vae, ditmoe.data.latents, ditmoe.data.folder, ditmoe.data.mnist\n"
+        "assert 'diffusers' not in sys.modules, 'diffusers imported eagerly'\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    r = subprocess.run([sys.executable, "-c", "import sys, ditmoe.data; assert 'torch' not in sys.modules"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+
+
+# -------------------------------------------------------------------------- latent cache
+def test_cache_matches_vae_encode(cache32, folder, vae):
+    meta = read_latent_metadata(cache32)
+    assert meta["class_names"] == ["a_cat", "b_dog"]
+    assert (meta["image_size"], meta["latent_size"], meta["latent_channels"]) == (SIZE, 16, 4)
+    assert meta["scaling_factor"] == 0.18215 and meta["num_images"] == 5 and meta["num_skipped"] == 1
+    assert [Path(p).name for p in meta["skipped"]] == ["broken.png"]
+    ds = LatentDataset(cache32, flip=False)
+    paths = sorted(str(p) for p in folder.rglob("*.png") if p.name != "broken.png")
+    paths.sort(key=lambda p: (Path(p).parent.name, Path(p).name))
+    assert len(ds) == len(paths) == 5
+    for i, p in enumerate(paths):
+        x = ref_tensor(p, SIZE)[None]
+        m_ref, lv_ref = vae.encode(x)
+        mf_ref, lvf_ref = vae.encode(x.flip(-1))
+        m, lv = ds.moments(i)
+        mf, lvf = ds.moments(i, mirror=True)
+        torch.testing.assert_close(m, m_ref[0], atol=1e-5, rtol=0)
+        torch.testing.assert_close(lv, lv_ref[0], atol=1e-5, rtol=0)
+        torch.testing.assert_close(mf, mf_ref[0], atol=1e-5, rtol=0)
+        torch.testing.assert_close(lvf, lvf_ref[0], atol=1e-5, rtol=0)
+        assert not torch.allclose(m, mf)  # the mirror is a different image
+        assert int(ds.labels[i]) == ["a_cat", "b_dog"].index(Path(p).parent.name)
+
+
+def test_cache_is_standard_safetensors(cache32):
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    d = load_file(cache32)
+    assert set(d) == {"labels", "mean", "logvar"}
+    assert d["mean"].shape == (5, 2, 4, 16, 16) and d["mean"].dtype == torch.float32
+    assert d["labels"].dtype == torch.int64
+    ds = LatentDataset(cache32)
+    torch.testing.assert_close(d["mean"][3, 1], ds.moments(3, mirror=True)[0])
+    torch.testing.assert_close(d["labels"], ds.labels)
+    with safe_open(str(cache32), "pt") as f:
+        assert json.loads(f.metadata()["class_names"]) == ["a_cat", "b_dog"]
+
+
+def test_float16_cache_close_to_float32(cache32, folder, vae, tmp_path):
+    out = extract_latents(folder, vae, tmp_path / "lat16.safetensors", image_size=SIZE, batch_size=4, progress=False)
+    d16 = LatentDataset(out, flip=False)
+    d32 = LatentDataset(cache32, flip=False)
+    assert d16._get()["mean"].dtype == np.float16
+    assert out.stat().st_size < cache32.stat().st_size * 0.55
+    for i in range(len(d32)):
+        for mirror in (False, True):
+            m16, lv16 = d16.moments(i, mirror)
+            m32, lv32 = d32.moments(i, mirror)
+            torch.testing.assert_close(m16, m32, atol=2e-3, rtol=1e-3)
+            torch.testing.assert_close(lv16, lv32, atol=2e-3, rtol=1e-3)
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        extract_latents(folder, vae, out, image_size=SIZE, progress=False)
+
+
+def test_latent_dataset_sampling(cache32):
+    ds = LatentDataset(cache32, flip=True)
+    mirrors = set()
+    for seed in range(16):
+        i = seed % len(ds)
+        torch.manual_seed(seed)
+        z, y = ds[i]
+        assert z.shape == (4, 16, 16) and z.dtype == torch.float32
+        assert y.dtype == torch.int64 and int(y) == int(ds.labels[i])
+        # Same draws in the same order: flip coin, then eps.
+        torch.manual_seed(seed)
+        mirror = bool(torch.rand(()) < 0.5)
+        mean, logvar = ds.moments(i, mirror)
+        eps = torch.randn(mean.shape)
+        torch.testing.assert_close(z, (mean + torch.exp(0.5 * logvar) * eps) * 0.18215)
+        mirrors.add(mirror)
+    assert mirrors == {True, False}
+    zb, yb = ds.get_batch([4, 0, 2])
+    assert zb.shape == (3, 4, 16, 16) and yb.tolist() == [int(ds.labels[i]) for i in (4, 0, 2)]
+    noflip = LatentDataset(cache32, flip=False)
+    torch.manual_seed(0)
+    zb, _ = noflip.get_batch([1, 1])
+    torch.manual_seed(0)
+    eps = torch.randn(2, 4, 16, 16)
+    mean, logvar = noflip.moments(1)
+    torch.testing.assert_close(zb, (mean + torch.exp(0.5 * logvar) * eps) * 0.18215)
+
+
+def test_latent_dataset_pickles_without_data(cache32):
+    ds = LatentDataset(cache32)
+    ds[0]  # maps the file
+    blob = pickle.dumps(ds)
+    assert len(blob) < 20_000  # the maps are not shipped to workers
+    ds2 = pickle.loads(blob)
+    torch.testing.assert_close(ds2.moments(2)[0], ds.moments(2)[0])
+    mem = LatentDataset(cache32, in_memory=True)
+    torch.testing.assert_close(mem.moments(2, True)[1], ds.moments(2, True)[1])
+    loader = torch.utils.data.DataLoader(ds, batch_size=4)
+    zb, yb = next(iter(loader))
+    assert zb.shape == (4, 4, 16, 16) and yb.dtype == torch.int64
+
+
+def test_build_dataset_latent(cache32, tmp_path):
+    ds, info = build_dataset(cache32)
+    assert info.is_latent and (info.image_size, info.channels, info.num_classes) == (16, 4, 2)
+    assert info.pixel_size == SIZE and info.scaling_factor == 0.18215 and info.num_items == 5
+    assert info.class_names == ["a_cat", "b_dog"] and isinstance(ds, LatentDataset)
+    assert build_dataset(cache32, image_size=16, flip=False)[0].flip is False  # the trainer's call
+    with pytest.raises(ValueError, match=r"holds 16x16 latents \(4 channels, from 32x32 images\).*image_size=8.*16 px"):
+        build_dataset(cache32, image_size=8)
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "model.safetensors"))
+    with pytest.raises(ValueError, match="not a ditmoe latent cache"):
+        build_dataset(tmp_path / "model.safetensors")
+
+
+def test_extract_drops_images_that_fail_to_decode(folder, vae, cache32, tmp_path, caplog):
+    import shutil
+
+    root = tmp_path / "imgs"
+    shutil.copytree(folder, root)
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(9).integers(0, 256, (48, 48, 3), dtype=np.uint8)).save(buf, "JPEG")
+    (root / "a_cat" / "trunc.jpg").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])  # passes verify()
+    with caplog.at_level(logging.WARNING):
+        out = extract_latents(root, vae, tmp_path / "c.safetensors", image_size=SIZE, batch_size=4, dtype="float32", progress=False)
+    meta = read_latent_metadata(out)
+    assert meta["num_images"] == 5 and meta["num_skipped"] == 2
+    assert sorted(Path(p).name for p in meta["skipped"]) == ["broken.png", "trunc.jpg"]
+    from safetensors.torch import load_file
+
+    d = load_file(out)  # still a valid file after compaction
+    assert d["mean"].shape[0] == 5 and d["labels"].tolist() == [0, 0, 1, 1, 1]
+    ref = load_file(cache32)  # same five good images
+    torch.testing.assert_close(d["mean"], ref["mean"], atol=1e-5, rtol=0)
+    torch.testing.assert_close(d["logvar"], ref["logvar"], atol=1e-5, rtol=0)
+    assert not (tmp_path / "c.safetensors.partial").exists()
+    assert "trunc.jpg" in caplog.text
