@@ -1,0 +1,188 @@
+"""From a checkpoint to images: load the right weights, sample in batches, write grids and .npz.
+
+Each image i gets its own start noise from a generator seeded by (seed, i), so an image does not
+depend on the batch size or on how many processes share the work; under torchrun rank r draws
+images r, r + W, r + 2W, ...
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from .config import ModelConfig
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    process: str  # "flow" or "ddpm"
+    weights: str  # "ema", "model" or "file"
+    source: str
+
+
+def _run_config_near(path: Path) -> dict[str, Any] | None:
+    for candidate in (path.parent / "config.json", path.parent.parent / "config.json"):
+        if candidate.exists():
+            try:
+                data = json.loads(candidate.read_text())
+            except json.JSONDecodeError:
+                continue
+            if isinstance(data, dict) and "train" in data:
+                return data
+    return None
+
+
+def load_for_sampling(ckpt: str | os.PathLike, weights: str = "ema", process: str | None = None,
+                      device: str | torch.device = "cpu") -> LoadedModel:
+    """Load a training checkpoint (.pt; EMA weights unless weights="model"), a model saved by this
+    package, or an official checkpoint, and work out which process (flow / ddpm) it was trained with.
+    """
+    from .convert import load_into, load_model
+    from .registry import create_model
+    from .train.checkpoint import load_checkpoint
+
+    path = Path(ckpt)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    run_process = None
+    if path.suffix == ".pt":
+        state = load_checkpoint(path)
+        if isinstance(state, dict) and state.get("format") == "ditmoe-train":
+            cfg = ModelConfig.from_json(state["model_config"])
+            if weights not in ("ema", "model"):
+                raise ValueError(f"weights must be 'ema' or 'model', got {weights!r}")
+            model = create_model(cfg)
+            load_into(model, state[weights])
+            run_process = json.loads(state["train_config"]).get("process")
+            return LoadedModel(model.eval().to(device), process or run_process or "ddpm", weights, str(path))
+    model = load_model(path)
+    run = _run_config_near(path)
+    if run is not None:
+        run_process = run["train"].get("process")
+    if process is None and run_process is None:
+        process = "ddpm"  # the official DDPM checkpoints; pass --process flow for the released RF ones
+    return LoadedModel(model.eval().to(device), process or run_process, "file", str(path))
+
+
+def image_noise(indices: list[int], shape: tuple[int, ...], seed: int, device: torch.device) -> torch.Tensor:
+    """Start noise (N, C, H, W): image i from its own generator seeded by (seed, i)."""
+    out = []
+    for i in indices:
+        g = torch.Generator().manual_seed(seed * 1_000_003 + i)
+        out.append(torch.randn(shape, generator=g))
+    return torch.stack(out).to(device)
+
+
+def default_steps(sampler: str) -> int:
+    return {"ddpm": 250, "ddim": 50, "euler": 50, "heun": 25}[sampler]
+
+
+def generate(model: torch.nn.Module, process: str, labels: torch.Tensor, *, sampler: str | None = None,
+             steps: int | None = None, cfg_scale: float = 1.0, cfg_channels: str | int = "all", seed: int = 0,
+             batch_size: int = 64, indices: list[int] | None = None, shift: float = 1.0, eta: float = 0.0,
+             precision: str = "auto", decode: Callable[[torch.Tensor], torch.Tensor] | None = None,
+             recorder: Any = None, progress: bool = True) -> torch.Tensor:
+    """Sample one image per label; returns images in [-1, 1] (N, C, H, W) on the CPU.
+
+    `indices` (default 0..N-1) are the global image numbers that seed each image's noise.
+    With a routing `recorder`, every model call is attributed to its sampling step and labels.
+    """
+    from .samplers import PROCESS_SAMPLERS, sample
+
+    sampler = sampler or PROCESS_SAMPLERS[process][0]
+    steps = steps or default_steps(sampler)
+    cfg = model.config
+    device = next(model.parameters()).device
+    indices = list(range(len(labels))) if indices is None else indices
+    shape = (cfg.in_channels, cfg.input_size, cfg.input_size)
+    use_bf16 = precision == "bf16" or (precision == "auto" and (device.type == "cuda" or cfg.hidden_size >= 384))
+    batches = range(0, len(labels), batch_size)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(labels), desc=f"sample ({sampler}, {steps} steps)", unit="img", dynamic_ncols=True)
+    out = []
+    for start in batches:
+        y = labels[start:start + batch_size].to(device)
+        noise = image_noise(indices[start:start + batch_size], shape, seed, device)
+        if recorder is not None:
+            null = torch.full_like(y, cfg.num_classes)
+            recorder.set_labels(torch.cat([y, null]) if cfg_scale != 1.0 else y)
+        gen = torch.Generator(device=device).manual_seed(seed * 7_368_787 + indices[start])
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+            x = sample(model, process, sampler, steps, labels=y, cfg_scale=cfg_scale, noise=noise, generator=gen,
+                       cfg_channels=cfg_channels, shift=shift, eta=eta,
+                       on_step=recorder.on_step if recorder is not None else None)
+        x = x.float()
+        if decode is not None:
+            x = decode(x)
+        out.append(x.clamp(-1, 1).cpu())
+        if bar is not None:
+            bar.update(len(y))
+    if bar is not None:
+        bar.close()
+    return torch.cat(out) if out else torch.empty(0, *shape)
+
+
+def to_uint8_nhwc(x: torch.Tensor) -> np.ndarray:
+    """[-1, 1] (N, C, H, W) -> uint8 (N, H, W, C), the ADM evaluation-suite layout (C = 1 or 3)."""
+    x = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).numpy()
+
+
+def save_grid(images: np.ndarray, path: str | os.PathLike, nrow: int, pad: int = 2) -> Path:
+    """uint8 (N, H, W, C) -> one PNG, `nrow` images per row."""
+    from PIL import Image
+
+    n, h, w, c = images.shape
+    rows = math.ceil(n / nrow)
+    grid = np.zeros((rows * (h + pad) + pad, nrow * (w + pad) + pad, c), dtype=np.uint8)
+    for i in range(n):
+        r, col = divmod(i, nrow)
+        grid[pad + r * (h + pad): pad + r * (h + pad) + h, pad + col * (w + pad): pad + col * (w + pad) + w] = images[i]
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(grid[..., 0] if c == 1 else grid).save(path)
+    return path
+
+
+def save_singles(images: np.ndarray, labels: np.ndarray, folder: str | os.PathLike, offset: int = 0) -> None:
+    from PIL import Image
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, (img, y) in enumerate(zip(images, labels)):
+        Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(folder / f"{offset + i:06d}_class{int(y)}.png")
+
+
+def save_npz(images: np.ndarray, labels: np.ndarray, path: str | os.PathLike) -> Path:
+    """ADM-suite .npz: arr_0 = uint8 NHWC images; arr_1 = the requested class labels."""
+    from .convert import atomic_write
+
+    path = Path(path)
+    atomic_write(path, lambda tmp: np.savez(open(tmp, "wb"), arr_0=images, arr_1=labels))
+    return path
+
+
+def parse_classes(spec: str, num_classes: int, per_class: int) -> torch.Tensor:
+    """"all" -> every class `per_class` times (class-major); "3,5,7" -> those classes."""
+    if spec == "all":
+        classes = list(range(num_classes))
+    else:
+        try:
+            classes = [int(c) for c in spec.split(",") if c.strip()]
+        except ValueError as e:
+            raise ValueError(f"--classes must be 'all' or comma-separated integers, got {spec!r}") from e
+        bad = [c for c in classes if not 0 <= c < num_classes]
+        if bad:
+            raise ValueError(f"classes {bad} out of range: this model has classes 0..{num_classes - 1}")
+    return torch.tensor([c for c in classes for _ in range(per_class)], dtype=torch.long)
