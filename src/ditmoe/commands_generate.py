@@ -181,3 +181,113 @@ def _analyze(args: argparse.Namespace) -> int:
             print(f"finding {key}: {verdict}")
     print(f"wrote {md_path}, {json_path} and {len(figures)} figures in {out}")
     return 0
+
+
+# -------------------------------------------------------------------------------- eval
+def mnist_reference_images():
+    """The 10k MNIST test images padded to 32x32, uint8 NHWC: the reference set for MNIST FID."""
+    import numpy as np
+
+    from .data.mnist import load_mnist
+
+    images, _ = load_mnist("test")
+    return np.pad(images, ((0, 0), (2, 2), (2, 2)))[..., None]
+
+
+def ensure_mnist_classifier(path=None) -> Path:
+    """Train (once) and cache the MNIST evaluation classifier; its test accuracy is printed."""
+    from .eval.mnist_classifier import default_classifier_path, train_mnist_classifier
+
+    path = Path(path) if path else default_classifier_path()
+    if not path.is_file():
+        print(f"training the MNIST evaluation classifier once (cached at {path})")
+        train_mnist_classifier(path)
+    return path
+
+
+def _eval_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--samples", required=True, help=".npz of uint8 NHWC samples (arr_0; arr_1 = requested labels)")
+    p.add_argument("--ref", required=True, help="reference: an .npz of images or of cached statistics, or 'mnist' "
+                   "(the MNIST test set)")
+    p.add_argument("--extractor", choices=["auto", "mnist", "inception"], default="auto",
+                   help="auto: the MNIST classifier for 1-channel 28/32 px images, InceptionV3 otherwise")
+    p.add_argument("--inception-weights", default=None, help="local pt_inception-2015-12-05-6726825d.pth")
+    p.add_argument("--save-ref-stats", default=None, help="also cache the reference statistics here (.npz)")
+    p.add_argument("--out", default=None, help="write the results as JSON here")
+    p.add_argument("--device", default=None)
+
+
+@command("eval", "FID, sFID, Inception Score, precision / recall (and class agreement for MNIST)")(_eval_args)
+def _eval(args: argparse.Namespace) -> int:
+    from .eval.evaluate import compute_reference_stats, evaluate, format_results
+
+    device = str(_device(args.device))
+    ref = args.ref
+    if ref == "mnist":
+        from .eval.features import cache_dir
+
+        cached = cache_dir() / "mnist_test_reference.npz"
+        if not cached.exists():
+            ensure_mnist_classifier()
+            compute_reference_stats(mnist_reference_images(), extractor="mnist", out=cached)
+        ref = cached
+    elif not Path(ref).exists():
+        raise FileNotFoundError(f"reference {ref} does not exist (give an .npz or 'mnist')")
+    if args.extractor in ("auto", "mnist"):
+        from .eval.npz import load_samples_npz
+        from .eval.evaluate import is_mnist_like
+
+        images, _ = load_samples_npz(args.samples)
+        if args.extractor == "mnist" or is_mnist_like(images):
+            ensure_mnist_classifier()
+    if args.save_ref_stats:
+        compute_reference_stats(ref, extractor=args.extractor if args.extractor != "auto" else "auto",
+                                   out=args.save_ref_stats, inception_weights=args.inception_weights)
+    result = evaluate(args.samples, ref, extractor=args.extractor, device=device,
+                         inception_weights=args.inception_weights, progress=True)
+    result["samples"], result["ref"] = str(args.samples), str(args.ref)
+    print(format_results(result))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=2))
+        print(f"wrote {args.out}")
+    return 0
+
+
+def _classifier_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", default=None, help="where to cache it (default: ~/.cache/ditmoe/mnist_classifier.safetensors)")
+    p.add_argument("--force", action="store_true", help="retrain even if the cached file exists")
+
+
+@command("train-classifier", "train (once) the small MNIST classifier whose features MNIST FID uses")(_classifier_args)
+def _train_classifier(args: argparse.Namespace) -> int:
+    from .eval.mnist_classifier import default_classifier_path, train_mnist_classifier
+
+    path = Path(args.out) if args.out else default_classifier_path()
+    if path.is_file() and not args.force:
+        print(f"{path} exists (use --force to retrain)")
+        return 0
+    train_mnist_classifier(path)
+    return 0
+
+
+# ---------------------------------------------------------------------- extract-latents
+def _latents_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", required=True, help="image folder with one subfolder per class")
+    p.add_argument("--vae", required=True, help="local folder of a Stable-Diffusion-type VAE (diffusers AutoencoderKL)")
+    p.add_argument("--out", required=True, help="output latent cache (.safetensors)")
+    p.add_argument("--image-size", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--num-workers", type=int, default=0)
+    p.add_argument("--device", default=None)
+    p.add_argument("--overwrite", action="store_true")
+
+
+@command("extract-latents", "encode an image folder (and each mirror) with a local VAE into a latent cache")(_latents_args)
+def _extract_latents(args: argparse.Namespace) -> int:
+    from .data.latents import extract_latents
+
+    path = extract_latents(args.data, args.vae, args.out, image_size=args.image_size, batch_size=args.batch_size,
+                           device=str(_device(args.device)), num_workers=args.num_workers, overwrite=args.overwrite)
+    print(f"wrote {path}")
+    return 0
