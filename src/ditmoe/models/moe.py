@@ -43,13 +43,23 @@ class Router(nn.Module):
         return topk_idx, topk_w, probs
 
 
+def expert_counts(expert_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Tokens per expert (E,) int64, on the device.
+
+    A scatter-add rather than `torch.bincount`, whose data-dependent output size breaks the
+    torch.compile graph at every MoE layer.
+    """
+    flat = expert_ids.reshape(-1)
+    return torch.zeros(num_experts, dtype=torch.long, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
+
+
 def balance_loss(probs: torch.Tensor, topk_idx: torch.Tensor, num_experts: int, alpha: float) -> torch.Tensor:
     """Expert-level balance loss (paper Eq. 5) over every token T of the batch.
 
     L = alpha * sum_i f_i * P_i with f_i = E / (k T) * #tokens that picked i, P_i = mean_t p_t,i.
     """
     t, k = topk_idx.shape
-    counts = torch.bincount(topk_idx.reshape(-1), minlength=num_experts).to(probs.dtype)
+    counts = expert_counts(topk_idx, num_experts).to(probs.dtype)
     f = counts * (num_experts / (k * t))
     return alpha * (f * probs.mean(dim=0)).sum()
 
@@ -57,6 +67,8 @@ def balance_loss(probs: torch.Tensor, topk_idx: torch.Tensor, num_experts: int, 
 def _grouped_mm_supported(a: torch.Tensor, b: torch.Tensor) -> bool:
     if not hasattr(torch, "_grouped_mm"):
         return False
+    if torch.compiler.is_compiling() and not (a.dtype == b.dtype == torch.bfloat16):
+        return False  # the compiler's shape function for _grouped_mm accepts bf16 only
     if a.device.type == "cpu":
         return True
     if a.device.type == "cuda":
@@ -126,14 +138,73 @@ class StackedExperts(nn.Module):
         offs = torch.cumsum(counts, 0).to(torch.int32)
         h = grouped_matmul(xs, w_in, counts, offs)  # (M, 2H) or (M, H)
         if self.kind == "swiglu":
-            gate, up = h.split(self.hidden, dim=-1)
-            a = F.silu(gate) * up
+            a = _SwiGLUFromFused.apply(h, self.hidden)
         else:
             a = F.gelu(h + self.b_in.to(h.dtype).index_select(0, sorted_expert), approximate="tanh")
         out = grouped_matmul(a, w_out, counts, offs)
         if self.b_out is not None:
             out = out + self.b_out.to(out.dtype).index_select(0, sorted_expert)
         return out
+
+
+class _SwiGLUFromFused(torch.autograd.Function):
+    """silu(h[:, :H]) * h[:, H:] for the fused [gate | up] projection.
+
+    Autograd on the two strided halves saves three tensors and ends with a `cat`; this saves h
+    only and writes the gradient of both halves straight into one contiguous (M, 2H) buffer.
+    """
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, hidden: int) -> torch.Tensor:
+        ctx.save_for_backward(h)
+        ctx.hidden = hidden
+        return F.silu(h[:, :hidden]) * h[:, hidden:]
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (h,) = ctx.saved_tensors
+        hid = ctx.hidden
+        gate, up = h[:, :hid], h[:, hid:]
+        sig = torch.sigmoid(gate)
+        dh = torch.empty_like(h)
+        torch.mul(grad, gate * sig, out=dh[:, hid:])  # d/d up = silu(gate)
+        # d silu(g) / dg = sig(g) * (1 + g * (1 - sig(g)))
+        torch.mul(grad * up, sig * (1 + gate * (1 - sig)), out=dh[:, :hid])
+        return dh, None
+
+
+class _DispatchRows(torch.autograd.Function):
+    """xs = x[order // k]: each token copied to its k expert slots, in expert order.
+
+    The backward un-sorts with the inverse permutation and sums each token's k slots: a gather
+    and a reduction, deterministic, where `index_select`'s backward would scatter-add atomically.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor, k: int) -> torch.Tensor:
+        ctx.save_for_backward(inverse)
+        ctx.k = k
+        return x.index_select(0, torch.div(order, k, rounding_mode="floor"))
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (inverse,) = ctx.saved_tensors
+        g = grad.index_select(0, inverse)
+        return g.view(-1, ctx.k, g.shape[-1]).sum(dim=1), None, None, None
+
+
+class _Permute(torch.autograd.Function):
+    """y = x[perm] for a permutation; the backward is the gather by the inverse permutation."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, perm: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(inverse)
+        return x.index_select(0, perm)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (inverse,) = ctx.saved_tensors
+        return grad.index_select(0, inverse), None, None
 
 
 RouteObserver = Callable[["MoE", torch.Tensor, torch.Tensor], None]
@@ -166,14 +237,14 @@ class MoE(nn.Module):
         slot_expert = topk_idx.reshape(-1)  # (NT*k,) expert of each (token, slot)
         order = torch.argsort(slot_expert, stable=True)
         sorted_expert = slot_expert.index_select(0, order)
-        counts = torch.bincount(slot_expert, minlength=self.num_experts)
-        xs = flat.index_select(0, order // k)  # (NT*k, D) grouped by expert
+        counts = expert_counts(slot_expert, self.num_experts)
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(order.numel(), device=order.device)
+        xs = _DispatchRows.apply(flat, order, inverse, k)  # (NT*k, D) grouped by expert
         ys = self.experts(xs, sorted_expert, counts)
         # Undo the sort with a gather (deterministic, unlike a scatter-add), then weight and sum
         # the k slots of each token.
-        inverse = torch.empty_like(order)
-        inverse[order] = torch.arange(order.numel(), device=order.device)
-        y = ys.index_select(0, inverse).view(n * t, k, d)
+        y = _Permute.apply(ys, inverse, order).view(n * t, k, d)
         y = (y * topk_w.unsqueeze(-1).to(y.dtype)).sum(dim=1).view(n, t, d)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)

@@ -1,0 +1,226 @@
+"""The benchmark's official-algorithm baseline computes what the package computes.
+
+`benchmarks/official_moe.py` re-implements the official DiT-MoE layer (masked per-expert loop with
+a k-fold copy in training, `moe_infer` in inference) as the speed baseline; these tests pin that it
+is the same function as `ditmoe.models.moe.MoE` and a slow per-token reference, so the benchmark
+compares like with like. The last tests smoke-run `benchmarks/moe_bench.py --quick`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+import official_moe  # noqa: E402
+from official_moe import DenseBound, OfficialMoE, official_from_package, officialize  # noqa: E402
+
+from ditmoe import create_model  # noqa: E402
+from ditmoe.models.moe import MoE  # noqa: E402
+
+D, E, K, H, S = 16, 4, 2, 24, 32
+
+
+def make_pair(tp: int = 2, seed: int = 0) -> tuple[MoE, OfficialMoE]:
+    torch.manual_seed(seed)
+    pkg = MoE(D, E, K, H, S)
+    return pkg, official_from_package(pkg, tp)
+
+
+def reference(off: OfficialMoE, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Token by token in float64 from the official modules' weights: sum_k w_k E_k(x) + S(x)."""
+
+    def swiglu(m, v):
+        return F.linear(F.silu(F.linear(v, m.gate_proj.weight.double())) * F.linear(v, m.up_proj.weight.double()),
+                        m.down_proj.weight.double())
+
+    flat = x.reshape(-1, x.shape[-1]).double()
+    out = torch.zeros_like(flat)
+    for t in range(flat.shape[0]):
+        for slot in range(idx.shape[1]):
+            out[t] += w[t, slot].double() * swiglu(off.experts[int(idx[t, slot])], flat[t])
+    out += swiglu(off.shared_experts, flat)
+    return out.view(x.shape)
+
+
+class PlantedPackageGate(torch.nn.Module):
+    def __init__(self, idx, w):
+        super().__init__()
+        self.idx, self.w = idx, w
+
+    def forward(self, x):
+        return self.idx, self.w, torch.full((x.shape[0], E), 1.0 / E)
+
+
+class PlantedOfficialGate(torch.nn.Module):
+    def __init__(self, idx, w):
+        super().__init__()
+        self.idx, self.w = idx, w
+
+    def forward(self, x):
+        return self.idx, self.w, None
+
+
+def routing(pattern: str, t: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(5)
+    if pattern == "random":
+        return torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(t)])
+    if pattern == "one_expert_gets_all":  # expert 3 in every token's first slot; expert 1 never used
+        return torch.stack([torch.tensor([3, 0 if i % 2 else 2]) for i in range(t)])
+    return torch.stack([torch.tensor([1, 3]) if i % 2 else torch.tensor([3, 1]) for i in range(t)])  # 0, 2 empty
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_training_path_matches_package_and_reference(tp):
+    """Natural (random-weight) routing: output, balance loss and every gradient."""
+    pkg, off = make_pair(tp)
+    x = torch.randn(3, 10, D)
+    xp, xo = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    y_p, aux_p = pkg(xp, return_aux=True)
+    y_o = off(xo)
+    idx, w, _ = pkg.gate(x.reshape(-1, D))
+    torch.testing.assert_close(y_o, y_p, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(y_o.double(), reference(off, x, idx, w), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(off.last_aux, aux_p, rtol=1e-6, atol=1e-7)
+
+    g = torch.randn_like(y_p)
+    torch.autograd.backward([y_p, aux_p], [g, torch.ones_like(aux_p)])
+    y_o.backward(g)  # the balance-loss gradient arrives through AddAuxiliaryLoss
+    torch.testing.assert_close(xo.grad, xp.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(off.gate.weight.grad, pkg.gate.weight.grad, rtol=1e-5, atol=1e-5)
+    for i, ex in enumerate(off.experts):
+        torch.testing.assert_close(ex.gate_proj.weight.grad.t(), pkg.experts.w_in.grad[i, :, :H], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(ex.up_proj.weight.grad.t(), pkg.experts.w_in.grad[i, :, H:], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(ex.down_proj.weight.grad.t(), pkg.experts.w_out.grad[i], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(off.shared_experts.gate_proj.weight.grad, pkg.shared_experts.gate_proj.weight.grad,
+                               rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train_path", "moe_infer"])
+@pytest.mark.parametrize("pattern", ["random", "one_expert_gets_all", "some_experts_empty"])
+def test_planted_routing_both_paths(training, pattern):
+    pkg, off = make_pair()
+    x = torch.randn(3, 10, D)
+    idx = routing(pattern, 30)
+    w = torch.rand(idx.shape, generator=torch.Generator().manual_seed(2)) + 0.1
+    pkg.gate, off.gate = PlantedPackageGate(idx, w), PlantedOfficialGate(idx, w)
+    pkg.train(training), off.train(training)
+    with torch.no_grad():
+        y_p, y_o = pkg(x), off(x)
+    torch.testing.assert_close(y_o, y_p, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(y_o.double(), reference(off, x, idx, w), rtol=1e-5, atol=1e-5)
+
+
+def test_inference_path_natural_routing():
+    pkg, off = make_pair()
+    pkg.eval(), off.eval()
+    x = torch.randn(4, 16, D)
+    with torch.no_grad():
+        y_o, y_p = off(x), pkg(x)
+        idx, w, _ = pkg.gate(x.reshape(-1, D))
+    torch.testing.assert_close(y_o, y_p, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(y_o.double(), reference(off, x, idx, w), rtol=1e-5, atol=1e-5)
+    assert off.gate(x)[2] is None  # no balance loss outside training, as the official gate
+
+
+def test_officialized_model_matches_package_model():
+    sys.path.insert(0, str(BENCH))
+    import moe_bench
+
+    torch.manual_seed(0)
+    pkg = create_model("debug")
+    moe_bench.randomize_zero_init(pkg)
+    import copy
+
+    off = officialize(copy.deepcopy(pkg))
+    assert all(isinstance(b.moe, OfficialMoE) for b in off.blocks)
+    x, t, y = torch.randn(3, 4, 8, 8), torch.rand(3) * 999, torch.tensor([1, 2, 10])
+    entries = moe_bench.model_parity(pkg, off, x, t, y)
+    assert {e["what"] for e in entries} == {"model eval forward", "model train forward", "model balance losses"}
+    for e in entries:
+        assert e["pass"], e
+    with torch.no_grad():
+        out = pkg.eval()(x, t, y)
+    assert out.abs().max() > 1e-3  # the zero-initialised output layers were randomised: a real check
+
+
+def test_bound_does_the_activated_flops():
+    b = DenseBound(D, K, H, S)
+    assert sum(p.numel() for p in b.parameters()) == K * 3 * D * H + 3 * D * S
+    assert b(torch.randn(2, 5, D)).shape == (2, 5, D)
+
+
+def test_official_swiglu_tp_split_is_the_plain_swiglu():
+    torch.manual_seed(0)
+    a = official_moe.OfficialSwiGLU(D, H, tp=2)
+    b = official_moe.OfficialSwiGLU(D, H, tp=1)
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(7, D)
+    torch.testing.assert_close(a(x), b(x), rtol=1e-6, atol=1e-6)
+
+
+def test_compile_failure_is_recorded_not_raised(monkeypatch):
+    import torch._dynamo
+
+    import moe_bench
+
+    def broken(*a, **k):
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(torch, "compile", broken)
+    monkeypatch.setattr(torch._dynamo, "explain", broken)
+    args = moe_bench.parse_args(["--quick", "--device", "cpu", "--only", "compile"])
+    out = moe_bench.bench_compile(args, torch.device("cpu"), moe_bench.Checks())
+    assert "no compiler here" in out["error"] and "no compiler here" in out["explain_error"]
+    report = {"device": {"description": "test", "slug": "t"}, "timestamp": "now", "command": "cmd", "quick": True,
+              "repeats": 1, "warmup": 1, "settings": {"official_tp": 2}, "results": {"compile": out}, "checks": []}
+    assert "torch.compile failed: `RuntimeError: no compiler here`" in moe_bench.render_section(report)
+
+
+def test_docs_section_is_replaced_between_markers(tmp_path):
+    import moe_bench
+
+    doc = tmp_path / "performance.md"
+    doc.write_text("# Performance\n\nhand-written text\n")
+    report = {"device": {"description": "machine A", "slug": "a"}, "timestamp": "t1", "command": "cmd one",
+              "quick": False, "repeats": 1, "warmup": 1, "settings": {"official_tp": 2}, "results": {}, "checks": []}
+    moe_bench.update_docs(doc, report)
+    report["command"] = "cmd two"
+    moe_bench.update_docs(doc, report)
+    text = doc.read_text()
+    assert "hand-written text" in text and "cmd two" in text and "cmd one" not in text
+    assert text.count("<!-- moe_bench:begin a -->") == 1
+
+
+def test_quick_run_writes_json(tmp_path):
+    out = tmp_path / "quick.json"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT / "src"))
+    cmd = [sys.executable, str(BENCH / "moe_bench.py"), "--quick", "--device", "cpu",
+           "--only", "layer,train,sample,memory", "--out", str(out)]
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=str(ROOT), timeout=300)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    rep = json.loads(out.read_text())
+    assert rep["complete"] and rep["quick"]
+    for key in ("device", "command", "results", "checks", "settings", "targets"):
+        assert key in rep
+    assert set(rep["results"]) == {"layer", "train", "sample", "memory"}
+    layer = next(iter(rep["results"]["layer"].values()))
+    assert {"official fp32", "package fp32", "bound fp32", "package bf16", "bound bf16"} <= set(layer["times"])
+    assert all("median_ms" in v for v in layer["times"].values())
+    assert "official fp32" in rep["results"]["train"]["times"]
+    assert "official fp32" in rep["results"]["sample"]["times"]
+    assert all("step_peak_mb" in c for c in rep["results"]["memory"]["contenders"].values())
+    parity = [c for c in rep["checks"] if c["name"].startswith("parity")]
+    assert parity and all(c["pass"] for c in parity)
+    assert "PASS" in p.stdout or "MISS" in p.stdout
+    assert not (ROOT / "benchmarks" / "results" / "quick.json").exists()
