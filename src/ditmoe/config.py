@@ -170,7 +170,7 @@ __all__ = ["ModelConfig", "EXPERT_TYPES", "ATTN_LAYOUTS", "MOE_PLACEMENTS", "con
 
 PROCESSES = ("flow", "ddpm")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-PARALLEL_MODES = ("none", "ddp", "fsdp")
+PARALLEL_MODES = ("none", "ddp", "fsdp", "ep", "ep_fsdp")
 
 
 @dataclass
@@ -194,7 +194,8 @@ class TrainConfig:
     precision: str = "auto"  # "auto": bf16 on CUDA, and on CPU where it measured faster; "fp32"; "bf16"; "fp16" (with loss scaling)
     grad_checkpointing: bool = False
     compile: bool = False  # torch.compile the model
-    parallel: str = "none"  # "none", "ddp" or "fsdp" (torchrun sets the world)
+    parallel: str = "none"  # "none", "ddp", "fsdp", "ep" or "ep_fsdp" (torchrun sets the world; see docs/scaling.md)
+    ep_size: int = 0  # expert-parallel group size for "ep" / "ep_fsdp" (divides world and num_experts); 0 = world
     seed: int = 0
     num_workers: int = 0  # data-loader worker processes (image folders benefit; in-memory MNIST does not)
     flip: bool = True  # random horizontal flips (image folders and latent caches; never for digits)
@@ -220,6 +221,8 @@ class TrainConfig:
             problems.append(f"precision {self.precision!r} is not one of {PRECISIONS}")
         if self.parallel not in PARALLEL_MODES:
             problems.append(f"parallel {self.parallel!r} is not one of {PARALLEL_MODES}")
+        if self.ep_size < 0:
+            problems.append(f"ep_size must be >= 0 (0 = the whole world), got {self.ep_size}")
         if self.steps <= 0 or self.global_batch <= 0 or self.micro_batch < 0:
             problems.append("steps and global_batch must be positive and micro_batch >= 0")
         if self.lr <= 0:

@@ -1,77 +1,34 @@
 """Everything distributed lives here; model code is written for one device (see design.md).
 
-`wrap_model(model, mode, dist)` applies the layout from outside: "none", "ddp"
-(DistributedDataParallel) or "fsdp" (FSDP2, `torch.distributed.fsdp.fully_shard` per block).
-Checkpoints always hold full (unsharded) state dicts, so a checkpoint saved under any layout
-loads under any other, single-process included.
+Layouts, applied from outside by `wrap_model(model, mode, dist, ep_size)`:
+
+- "none": one process;
+- "ddp": DistributedDataParallel (every rank holds everything, gradients all-reduced);
+- "fsdp": FSDP2 (`torch.distributed.fsdp.fully_shard` per block and at the root; ZeRO-3);
+- "ep": expert parallel (each rank of an ep group holds E/ep experts of every MoE layer, tokens
+  travel by all-to-all) with DDP for the dense weights;
+- "ep_fsdp": expert parallel with FSDP2 for the dense weights.
+
+Modules: `data` (wrapping, gradient sync, EMA layout, clipping), `expert` (the expert-parallel
+layer, its all-to-all and state conversion), `state` (full state dicts under every layout),
+`launch` (run a function in N local processes, as torchrun would: tests, benchmarks).
+docs/scaling.md says which layout to use and how to launch it.
+Checkpoints always hold full single-process state dicts, so one saved under any layout loads
+under any other, single-process included.
 """
 
 from __future__ import annotations
 
-import contextlib
-from typing import Any
+from .data import MODES, clip_grad_norm_, no_sync_if, shard_ema, wrap_model
+from .expert import (ExpertParallelExperts, all_to_all, apply_expert_parallel, expert_parallel_groups,
+                     gather_expert_optimizer_state, gather_expert_state, load_expert_parallel_state,
+                     shard_expert_optimizer_state, shard_expert_state)
+from .state import full_gradients, full_model_state, full_optimizer_state, load_full_model_state, load_full_optimizer_state
 
-import torch
-
-
-def wrap_model(model: torch.nn.Module, mode: str, dist_info: Any) -> torch.nn.Module:
-    if mode == "none" and dist_info.world == 1:
-        return model
-    if mode in ("none", "ddp"):
-        from torch.nn.parallel import DistributedDataParallel
-
-        ids = [dist_info.device.index] if dist_info.device.type == "cuda" else None
-        return DistributedDataParallel(model, device_ids=ids)
-    if mode == "fsdp":
-        from torch.distributed.fsdp import fully_shard
-
-        for block in model.blocks:
-            fully_shard(block)
-        fully_shard(model)
-        return model
-    raise ValueError(f"unknown parallel mode {mode!r}")
-
-
-def no_sync_if(model: torch.nn.Module, skip: bool):
-    """Skip the gradient all-reduce on all but the last micro-batch of an accumulation."""
-    if skip and hasattr(model, "no_sync"):
-        return model.no_sync()
-    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
-        model.set_requires_gradient_sync(not skip)
-    return contextlib.nullcontext()
-
-
-def full_model_state(model: torch.nn.Module, mode: str) -> dict[str, torch.Tensor]:
-    if mode == "fsdp":
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-
-
-def full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, mode: str) -> dict[str, Any]:
-    if mode == "fsdp":
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-        return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return optimizer.state_dict()
-
-
-def load_full_model_state(model: torch.nn.Module, sd: dict[str, torch.Tensor], mode: str) -> None:
-    if mode == "fsdp":
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
-        set_model_state_dict(model, sd, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=False))
-        return
-    from ..convert import load_into
-
-    load_into(model, sd)
-
-
-def load_full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sd: dict[str, Any], mode: str) -> None:
-    if mode == "fsdp":
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-        set_optimizer_state_dict(model, optimizer, sd, options=StateDictOptions(full_state_dict=True))
-        return
-    optimizer.load_state_dict(sd)
+__all__ = [
+    "MODES", "wrap_model", "no_sync_if", "shard_ema", "clip_grad_norm_",
+    "full_gradients", "full_model_state", "full_optimizer_state", "load_full_model_state", "load_full_optimizer_state",
+    "ExpertParallelExperts", "all_to_all", "apply_expert_parallel", "expert_parallel_groups",
+    "gather_expert_state", "shard_expert_state", "load_expert_parallel_state",
+    "gather_expert_optimizer_state", "shard_expert_optimizer_state",
+]

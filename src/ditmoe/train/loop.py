@@ -183,9 +183,12 @@ class Trainer:
         self.ema = EMA(self.model, cfg.ema_decay)
         self.autocast_dtype = choose_precision(cfg.precision, self.dist.device, self.model_cfg)
 
-        from ..parallel import wrap_model
+        from ..parallel import shard_ema, wrap_model
 
-        self.train_model = wrap_model(self.model, cfg.parallel, self.dist)
+        self.num_parameters = sum(p.numel() for p in self.model.parameters())  # before any sharding
+        self.train_model = wrap_model(self.model, cfg.parallel, self.dist, ep_size=cfg.ep_size,
+                                      param_dtype=self.autocast_dtype)
+        shard_ema(self.ema.model, self.model, cfg.parallel)  # each rank keeps the EMA of its own shard
         if cfg.compile:
             self.train_model = torch.compile(self.train_model)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
@@ -206,7 +209,7 @@ class Trainer:
             "format": "ditmoe-train",
             "step": self.step,
             "model": full_model_state(self.model, self.cfg.parallel),
-            "ema": self.ema.state_dict(),
+            "ema": full_model_state(self.ema.model, self.cfg.parallel),
             "weights_note": "'ema' holds the exponential moving average (decay %g); results use it" % self.cfg.ema_decay,
             "optimizer": full_optimizer_state(self.model, self.optimizer, self.cfg.parallel),
             "rng": rng_state(),
@@ -246,7 +249,7 @@ class Trainer:
         from ..parallel import load_full_model_state, load_full_optimizer_state
 
         load_full_model_state(self.model, state["model"], self.cfg.parallel)
-        self.ema.load_state_dict(state["ema"])
+        load_full_model_state(self.ema.model, state["ema"], self.cfg.parallel)
         load_full_optimizer_state(self.model, self.optimizer, state["optimizer"], self.cfg.parallel)
         self.step = int(state["step"])
         if self.dist.world == 1:  # per-rank streams differ; a changed world size re-seeds them
@@ -306,7 +309,9 @@ class Trainer:
         self.scaler.unscale_(self.optimizer)
         grad_norm = None
         if self.cfg.grad_clip > 0:
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+            from ..parallel import clip_grad_norm_
+
+            grad_norm = clip_grad_norm_(self.model, self.cfg.grad_clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
@@ -370,18 +375,21 @@ class Trainer:
                     self.save()
         progress.close()
         ckpt = self.save()
+        from ..parallel import full_model_state
+
+        ema_state = full_model_state(self.ema.model, cfg.parallel)  # collective: every rank takes part
         elapsed = time.perf_counter() - t_start
         summary = {
             "steps": self.step, "steps_this_run": self.step - start_step, "seconds": elapsed,
             "images_per_s": (self.step - start_step) * cfg.global_batch / max(elapsed, 1e-9),
             "final": last, "checkpoint": str(ckpt) if ckpt else None,
             "precision": str(self.autocast_dtype or "fp32"), "accumulation": self.accum, "world_size": dist.world,
-            "model": self.model_cfg.name, "parameters": sum(p.numel() for p in self.model.parameters()),
+            "model": self.model_cfg.name, "parameters": self.num_parameters,
         }
         if dist.is_main:
             from ..convert import save_model
 
-            save_model(self.ema.model, self.out / "model_ema.safetensors", extra_meta={"weights": "ema"})
+            save_model(ema_state, self.out / "model_ema.safetensors", config=self.model_cfg, extra_meta={"weights": "ema"})
             (self.out / "train_summary.json").write_text(json.dumps(summary, indent=2))
             logger.close()
             print(f"trained {summary['steps_this_run']} steps in {elapsed / 60:.1f} min "
