@@ -266,3 +266,13 @@ def test_sample_front_door(debug_model):
         sample(debug_model, "flow", "ddim", 4, labels=y)
     with pytest.raises(ValueError, match="unknown process"):
         sample(debug_model, "sde", "euler", 4, labels=y)
+
+
+@pytest.mark.parametrize("eta", [-0.1, 1.5])
+def test_ddim_rejects_eta_outside_unit_interval(eta):
+    from ditmoe.diffusion.gaussian import create_diffusion
+    from ditmoe.samplers import ddim_sample
+
+    with pytest.raises(ValueError, match=r"eta must be in \[0, 1\]"):
+        ddim_sample(lambda x, t: torch.zeros_like(x), create_diffusion("ddim5", learn_sigma=False),
+                    torch.zeros(2, 3), eta=eta)

@@ -189,3 +189,24 @@ def test_cli_train_writes_run_folder(tmp_path):
     assert loads[0] == "step,layer,expert_0,expert_1,expert_2,expert_3" and len(loads) == 1 + 3 * 2
     summary = json.loads((out / "train_summary.json").read_text())
     assert summary["steps"] == 3
+
+
+def test_ema_warmup_closed_form():
+    from ditmoe.train.ema import EMA
+
+    live = torch.nn.Linear(2, 1, bias=False)
+    with torch.no_grad():
+        live.weight.zero_()
+    ema = EMA(live, decay=0.999, warmup=True)
+    with torch.no_grad():
+        live.weight.fill_(1.0)
+    # e_s = d_s e_{s-1} + (1 - d_s) * 1 with d_s = min(0.999, (1 + s) / (10 + s)), e_{-1} = 0.
+    expected = 0.0
+    for s in range(50):
+        ema.update(live, s)
+        d = min(0.999, (1 + s) / (10 + s))
+        expected = d * expected + (1 - d)
+    assert abs(ema.model.weight[0, 0].item() - expected) < 1e-6
+    assert ema.decay_at(0) == 0.1 and ema.decay_at(10**6) == 0.999
+    fixed = EMA(live, decay=0.9, warmup=False)
+    assert fixed.decay_at(0) == 0.9

@@ -191,6 +191,7 @@ class TrainConfig:
     adam_beta2: float = 0.999
     grad_clip: float = 0.0  # max global grad norm; 0 disables
     ema_decay: float = 0.9999
+    ema_warmup: bool = True  # decay min(ema_decay, (1 + step) / (10 + step)); false = the fixed decay of DiT
     precision: str = "auto"  # "auto": bf16 on CUDA, and on CPU where it measured faster; "fp32"; "bf16"; "fp16" (with loss scaling)
     grad_checkpointing: bool = False
     compile: bool = False  # torch.compile the model

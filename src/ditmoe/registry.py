@@ -46,9 +46,9 @@ def _build_registry() -> dict[str, ModelConfig]:
     # The quickstart model: 32x32 one-channel MNIST in pixel space, sized so that training,
     # sampling and analysis finish within 15 minutes on a 2-core CPU (see README).
     reg["DiT-MoE-mnist"] = ModelConfig(
-        name="DiT-MoE-mnist", input_size=32, patch_size=4, in_channels=1, hidden_size=128, depth=6,
-        num_heads=4, num_classes=10, learn_sigma=False, num_experts=8, top_k=2, expert_hidden=256,
-        shared_hidden=128, timestep_scale=1000.0,
+        name="DiT-MoE-mnist", input_size=32, patch_size=4, in_channels=1, hidden_size=96, depth=4,
+        num_heads=4, num_classes=10, learn_sigma=False, num_experts=8, top_k=2, expert_hidden=192,
+        shared_hidden=96, timestep_scale=1000.0,
     )
     reg["DiT-mnist"] = reg["DiT-MoE-mnist"].replace(name="DiT-mnist", num_experts=0)
     return reg

@@ -18,8 +18,10 @@ def ddim_sample(fn: DenoiseFn, diffusion: GaussianDiffusion, noise: torch.Tensor
     x_{t-1} = sqrt(abar_prev) x0_hat + sqrt(1 - abar_prev - sigma^2) eps_hat + sigma z,
     sigma = eta sqrt((1 - abar_prev) / (1 - abar)) sqrt(1 - abar / abar_prev).
     """
-    if eta < 0:
-        raise ValueError(f"eta must be >= 0, got {eta}")
+    if not 0 <= eta <= 1:
+        # Above 1 the noise variance can exceed 1 - abar_prev and the deterministic coefficient
+        # sqrt(1 - abar_prev - sigma^2) turns NaN.
+        raise ValueError(f"DDIM eta must be in [0, 1] (0 deterministic, 1 DDPM-like noise), got {eta}")
     x = noise
     n = x.shape[0]
     steps = list(range(diffusion.num_timesteps))[::-1]

@@ -180,7 +180,7 @@ class Trainer:
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         self.model = create_model(self.model_cfg).to(self.dist.device)
         self.model.gradient_checkpointing = cfg.grad_checkpointing
-        self.ema = EMA(self.model, cfg.ema_decay)
+        self.ema = EMA(self.model, cfg.ema_decay, warmup=cfg.ema_warmup)
         self.autocast_dtype = choose_precision(cfg.precision, self.dist.device, self.model_cfg)
 
         from ..parallel import shard_ema, wrap_model
@@ -315,7 +315,7 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        self.ema.update(self.model)
+        self.ema.update(self.model, self.step)
         return grad_norm
 
     def _lr_at(self, step: int) -> float:
