@@ -58,8 +58,8 @@ def test_analyze_writes_report_and_counts_every_routed_token(tiny_run, tmp_path)
     stats = json.loads((out / "stats.json").read_text())
     assert {"i", "ii", "iii"} <= set(stats["findings"])
     counts = np.load(out / "routing_counts.npz")
-    # 10 images x 16 tokens x 3 steps x top-2, per branch, in each of the 2 MoE layers.
-    assert counts["tokens"].tolist() == [[10 * 16 * 3 * 2] * 2] * 2
+    # 10 images x 16 tokens x 3 steps, per branch, in each of the 2 MoE layers.
+    assert counts["tokens"].tolist() == [[10 * 16 * 3] * 2] * 2
     assert (out / "report.md").read_text().count("holds") >= 1
     assert (out / "heatmap_position.png").exists()
 
