@@ -226,9 +226,12 @@ def _eval(args: argparse.Namespace) -> int:
     if ref == "mnist":
         from .eval.features import cache_dir
 
-        cached = cache_dir() / "mnist_test_reference.npz"
+        import hashlib
+
+        # The cache is keyed by the classifier's weights: retraining it invalidates the statistics.
+        digest = hashlib.sha256(ensure_mnist_classifier().read_bytes()).hexdigest()[:12]
+        cached = cache_dir() / f"mnist_test_reference_{digest}.npz"
         if not cached.exists():
-            ensure_mnist_classifier()
             compute_reference_stats(mnist_reference_images(), extractor="mnist", out=cached)
         ref = cached
     elif not Path(ref).exists():
