@@ -390,8 +390,12 @@ class Trainer:
             from ..convert import save_model
 
             save_model(ema_state, self.out / "model_ema.safetensors", config=self.model_cfg, extra_meta={"weights": "ema"})
-            (self.out / "train_summary.json").write_text(json.dumps(summary, indent=2))
             logger.close()
+            if summary["steps_this_run"] == 0:  # a rerun of a finished job keeps the real summary
+                print(f"already at step {self.step} of {cfg.steps}: nothing to train; "
+                      f"EMA weights: {self.out / 'model_ema.safetensors'}")
+                return summary
+            (self.out / "train_summary.json").write_text(json.dumps(summary, indent=2))
             print(f"trained {summary['steps_this_run']} steps in {elapsed / 60:.1f} min "
                   f"({summary['images_per_s']:.0f} images/s, {summary['precision']}); final loss "
                   f"{last.get('loss', float('nan')):.4f}, balance loss {last.get('balance', float('nan')):.4f}; "
