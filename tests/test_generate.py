@@ -34,6 +34,7 @@ def test_sample_writes_grid_npz_and_labels(tiny_run, tmp_path):
 def test_each_image_is_independent_of_batch_size(tiny_run):
     loaded = load_for_sampling(tiny_run / "model_ema.safetensors")
     assert loaded.process == "flow"  # read from the run's config.json
+    assert loaded.weights == "ema"  # labelled in the file's metadata
     labels = torch.tensor([0, 1, 2, 3, 4])
     a = generate(loaded.model, loaded.process, labels, steps=3, cfg_scale=2.0, seed=5, batch_size=5, progress=False)
     b = generate(loaded.model, loaded.process, labels, steps=3, cfg_scale=2.0, seed=5, batch_size=2, progress=False)
@@ -78,3 +79,27 @@ def test_analyze_refuses_dense_model(tmp_path, capsys):
     assert main(["analyze", "--ckpt", str(tmp_path / "dense.safetensors"), "--out", str(tmp_path / "a"),
                  "--no-progress"]) == 2
     assert "dense model" in capsys.readouterr().err
+
+
+def test_sample_under_torchrun_equals_single_process(tiny_run, tmp_path):
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    common = ["sample", "--ckpt", str(tiny_run / "model_ema.safetensors"), "--num-images", "7", "--steps", "3",
+              "--batch-size", "3", "--seed", "11", "--no-progress", "--device", "cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                    "127.0.0.1", "--master_port", str(port), "-m", "ditmoe", *common, "--out", str(tmp_path / "dist")],
+                   check=True, env=env, capture_output=True, timeout=240)
+    assert main([*common, "--out", str(tmp_path / "single")]) == 0
+    dist_npz, single_npz = np.load(tmp_path / "dist" / "samples.npz"), np.load(tmp_path / "single" / "samples.npz")
+    assert dist_npz["arr_0"].shape == (7, 8, 8, 1)
+    assert np.array_equal(dist_npz["arr_1"], single_npz["arr_1"])
+    # Same per-image seeds, so the same images (up to float summation order across batch shapes).
+    assert np.abs(dist_npz["arr_0"].astype(int) - single_npz["arr_0"].astype(int)).max() <= 1
+    assert not list((tmp_path / "dist").glob("part_*.npz"))

@@ -20,25 +20,14 @@ pytest.importorskip("diffusers")
 from ditmoe.data import build_dataset  # noqa: E402
 from ditmoe.data.latents import LatentDataset, extract_latents, read_latent_metadata  # noqa: E402
 from ditmoe.data.vae import SD_SCALING_FACTOR, VAE, load_vae  # noqa: E402
+from conftest import reference_center_crop  # noqa: E402
 
 SIZE = 32  # pixels; the tiny VAE downsamples 2x -> 16x16x4 latents
 
 
-def adm_center_crop_reference(pil_image: Image.Image, image_size: int) -> np.ndarray:
-    """guided-diffusion's center_crop_arr, verbatim."""
-    while min(*pil_image.size) >= 2 * image_size:
-        pil_image = pil_image.resize(tuple(x // 2 for x in pil_image.size), resample=Image.BOX)
-    scale = image_size / min(*pil_image.size)
-    pil_image = pil_image.resize(tuple(round(x * scale) for x in pil_image.size), resample=Image.BICUBIC)
-    arr = np.array(pil_image)
-    crop_y = (arr.shape[0] - image_size) // 2
-    crop_x = (arr.shape[1] - image_size) // 2
-    return arr[crop_y : crop_y + image_size, crop_x : crop_x + image_size]
-
-
 def ref_tensor(path: str, image_size: int) -> torch.Tensor:
     with Image.open(path) as im:
-        arr = adm_center_crop_reference(im.convert("RGB"), image_size)
+        arr = reference_center_crop(im.convert("RGB"), image_size)
     return torch.from_numpy(arr.astype(np.float32) / 127.5 - 1.0).permute(2, 0, 1)
 
 

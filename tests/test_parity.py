@@ -71,3 +71,11 @@ def test_package_layout_stacks_experts():
     assert torch.equal(w_in[2, :, :256], sd["blocks.1.moe.experts.2.gate_proj.weight"].t())
     assert torch.equal(w_in[2, :, 256:], sd["blocks.1.moe.experts.2.up_proj.weight"].t())
     assert package_to_official(model.state_dict()).keys() == sd.keys()
+
+
+def test_fresh_position_table_equals_official():
+    import ditmoe
+
+    sd, _ = read_state_dict(FIXTURES / "official_tiny_moe.safetensors")
+    fresh = ditmoe.create_model("debug").pos_embed
+    torch.testing.assert_close(fresh, sd["pos_embed"], rtol=0, atol=1e-6)

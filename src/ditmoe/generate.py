@@ -64,12 +64,18 @@ def load_for_sampling(ckpt: str | os.PathLike, weights: str = "ema", process: st
             run_process = json.loads(state["train_config"]).get("process")
             return LoadedModel(model.eval().to(device), process or run_process or "ddpm", weights, str(path))
     model = load_model(path)
+    label = "file"
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            label = (f.metadata() or {}).get("weights", "file")  # "ema" for a run's model_ema.safetensors
     run = _run_config_near(path)
     if run is not None:
         run_process = run["train"].get("process")
     if process is None and run_process is None:
         process = "ddpm"  # the official DDPM checkpoints; pass --process flow for the released RF ones
-    return LoadedModel(model.eval().to(device), process or run_process, "file", str(path))
+    return LoadedModel(model.eval().to(device), process or run_process, label, str(path))
 
 
 def image_noise(indices: list[int], shape: tuple[int, ...], seed: int, device: torch.device) -> torch.Tensor:

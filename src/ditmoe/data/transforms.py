@@ -12,21 +12,20 @@ from PIL import Image
 
 
 def center_crop_arr(pil_image: Image.Image, image_size: int) -> Image.Image:
-    """ADM's center crop (guided-diffusion, used by DiT and DiT-MoE), pixel for pixel.
+    """The ADM-style centre crop that DiT and DiT-MoE train with, pixel for pixel.
 
-    Halve with BOX filtering while the short side is at least ``2 * image_size`` (cheap
-    anti-aliasing for large images), resize with BICUBIC so the short side equals ``image_size``,
-    then crop the centre square. Upscales when the image is smaller than ``image_size``.
+    Box-filter halvings while the short side is at least twice the target (a cheap anti-alias for
+    large photos), one bicubic resize that brings the short side to ``image_size``, then the
+    centre square (offsets rounded down). Images smaller than the target are upscaled.
     """
-    while min(*pil_image.size) >= 2 * image_size:
-        pil_image = pil_image.resize(tuple(x // 2 for x in pil_image.size), resample=Image.BOX)
-    scale = image_size / min(*pil_image.size)
-    pil_image = pil_image.resize(tuple(round(x * scale) for x in pil_image.size), resample=Image.BICUBIC)
-    # Same offsets as ADM's numpy slicing; PIL's crop avoids a full-image array copy.
-    w, h = pil_image.size
-    top = (h - image_size) // 2
-    left = (w - image_size) // 2
-    return pil_image.crop((left, top, left + image_size, top + image_size))
+    img = pil_image
+    while min(img.size) >= 2 * image_size:
+        img = img.resize((img.width // 2, img.height // 2), resample=Image.BOX)
+    factor = image_size / min(img.size)
+    width, height = round(img.width * factor), round(img.height * factor)
+    img = img.resize((width, height), resample=Image.BICUBIC)
+    left, top = (width - image_size) // 2, (height - image_size) // 2
+    return img.crop((left, top, left + image_size, top + image_size))
 
 
 def uint8_to_tensor(arr: np.ndarray | torch.Tensor) -> torch.Tensor:

@@ -146,18 +146,17 @@ def make_mlp(kind: str, dim: int, hidden: int) -> nn.Module:
 
 # ----------------------------------------------------------------- position table
 def get_2d_sincos_pos_embed(embed_dim: int, grid_size: int) -> np.ndarray:
-    """Fixed 2-D sin-cos table (grid_size**2, embed_dim), in the DiT / MAE convention."""
-    grid_h = np.arange(grid_size, dtype=np.float32)
-    grid_w = np.arange(grid_size, dtype=np.float32)
-    grid = np.meshgrid(grid_w, grid_h)  # w goes first, as in MAE
-    grid = np.stack(grid, axis=0).reshape(2, 1, grid_size, grid_size)
-    emb_h = _1d_sincos(embed_dim // 2, grid[0])
-    emb_w = _1d_sincos(embed_dim // 2, grid[1])
-    return np.concatenate([emb_h, emb_w], axis=1)
+    """Fixed position table (grid_size**2, embed_dim) for tokens in row-major order.
+
+    The first half of the channels encodes a token's column, the second half its row, each as
+    [sin | cos] of position * 10000^(-j / (d/4)), the layout of the released checkpoints.
+    """
+    half = embed_dim // 2
+    rows, cols = np.meshgrid(np.arange(grid_size), np.arange(grid_size), indexing="ij")
+    return np.concatenate([_sincos(half, cols.reshape(-1)), _sincos(half, rows.reshape(-1))], axis=1)
 
 
-def _1d_sincos(embed_dim: int, pos: np.ndarray) -> np.ndarray:
-    omega = np.arange(embed_dim // 2, dtype=np.float64) / (embed_dim / 2.0)
-    omega = 1.0 / 10000**omega
-    out = np.einsum("m,d->md", pos.reshape(-1), omega)
-    return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+def _sincos(dim: int, positions: np.ndarray) -> np.ndarray:
+    freqs = 10000.0 ** (-np.arange(dim // 2, dtype=np.float64) / (dim / 2.0))
+    angles = positions[:, None].astype(np.float64) * freqs[None]
+    return np.concatenate([np.sin(angles), np.cos(angles)], axis=1)

@@ -166,9 +166,11 @@ class _SwiGLUFromFused(torch.autograd.Function):
         hid = ctx.hidden
         gate, up = h[:, :hid], h[:, hid:]
         sig = torch.sigmoid(gate)
+        # d silu(g) / dg = sig(g) * (1 + g * (1 - sig(g))); d / d up = silu(g).
+        if torch.compiler.is_compiling():  # the compiler rejects strided out= and fuses the cat anyway
+            return torch.cat([grad * up * sig * (1 + gate * (1 - sig)), grad * gate * sig], dim=-1), None
         dh = torch.empty_like(h)
-        torch.mul(grad, gate * sig, out=dh[:, hid:])  # d/d up = silu(gate)
-        # d silu(g) / dg = sig(g) * (1 + g * (1 - sig(g)))
+        torch.mul(grad, gate * sig, out=dh[:, hid:])
         torch.mul(grad * up, sig * (1 + gate * (1 - sig)), out=dh[:, :hid])
         return dh, None
 
