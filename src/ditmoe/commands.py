@@ -150,3 +150,25 @@ def _plan(args: argparse.Namespace) -> int:
     else:
         print(format_plan(inp, plans))
     return 0
+
+
+# ----------------------------------------------------------------------------- study
+def _study_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", default="runs/study", help="output folder (one run folder per variant)")
+    p.add_argument("--steps", type=int, default=500, help="optimizer steps per variant (same for all)")
+    p.add_argument("--global-batch", type=int, default=64)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--seeds", type=int, default=2, help="seeds of the dense-versus-MoE pair")
+    p.add_argument("--samples-per-class", type=int, default=20, help="samples per class for FID / agreement")
+    p.add_argument("--sample-steps", type=int, default=50, help="Euler steps when sampling")
+    p.add_argument("--no-progress", action="store_true")
+
+
+@command("study", "dense vs MoE at matched compute and the paper's ablations, on embedded MNIST")(_study_args)
+def _study(args: argparse.Namespace) -> int:
+    from .study import default_variants, run_study
+
+    run_study(args.out, steps=args.steps, global_batch=args.global_batch, lr=args.lr,
+              samples_per_class=args.samples_per_class, sample_steps=args.sample_steps,
+              variants=default_variants(args.seeds), progress=not args.no_progress)
+    return 0
