@@ -5,7 +5,7 @@ Every variant trains with the same step budget, batch, learning rate and data or
 order is a function of the seed only), then samples the same labels from the same per-image noise
 and is scored by FID on the MNIST classifier's features and by class agreement.
 
-    ditmoe study --out runs/study [--steps 500] [--samples-per-class 20]
+    ditmoe study --out runs/study [--steps 2200] [--variants dense_seed0,moe_seed0] [--samples-per-class 20]
 
 writes one run folder per variant, study.json, loss_curves.png and fid_vs_flops.png.
 """
@@ -74,7 +74,7 @@ def _loss_curve(run: Path) -> tuple[list[int], list[float]]:
     return steps, losses
 
 
-def run_study(out: str | Path, steps: int = 500, global_batch: int = 64, lr: float = 1e-3,
+def run_study(out: str | Path, steps: int = 2200, global_batch: int = 64, lr: float = 1e-3,
               samples_per_class: int = 20, sample_steps: int = 50, cfg_scale: float = 2.0,
               variants: list[Variant] | None = None, data: str = "mnist", model: str = BASE_MODEL,
               model_overrides: dict[str, Any] | None = None, progress: bool = True) -> dict[str, Any]:
