@@ -186,12 +186,11 @@ def _analyze(args: argparse.Namespace) -> int:
 # -------------------------------------------------------------------------------- eval
 def mnist_reference_images():
     """The 10k MNIST test images padded to 32x32, uint8 NHWC: the reference set for MNIST FID."""
-    import numpy as np
-
     from .data.mnist import load_mnist
+    from .data.transforms import pad_to
 
     images, _ = load_mnist("test")
-    return np.pad(images, ((0, 0), (2, 2), (2, 2)))[..., None]
+    return pad_to(images, 32)[..., None]
 
 
 def ensure_mnist_classifier(path=None) -> Path:

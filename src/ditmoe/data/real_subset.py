@@ -15,10 +15,11 @@ import numpy as np
 
 def real_subset(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     from .mnist import load_mnist
+    from .transforms import pad_to
 
     images, labels = load_mnist("train")
     idx = np.random.default_rng(seed).choice(len(images), size=n, replace=False)
-    return np.pad(images[idx], ((0, 0), (2, 2), (2, 2)))[..., None], labels[idx]
+    return pad_to(images[idx], 32)[..., None], labels[idx]
 
 
 def main(argv: list[str] | None = None) -> None:
