@@ -16,3 +16,8 @@ fi
 # torch-fidelity's InceptionV3 (the FID network) needs only torch; its declared torchvision
 # dependency would replace the CPU torch with a CUDA build, so it is installed without deps.
 .venv/bin/pip install -q --disable-pip-version-check --no-deps "torch-fidelity==0.4.0"
+# The optional DeepSpeed engine (--parallel zero2 / zero3), which the tests cover. It is a source
+# package whose build imports torch: built without isolation it uses the CPU torch above instead
+# of downloading a CUDA one into a build environment.
+.venv/bin/pip install -q --disable-pip-version-check setuptools wheel
+.venv/bin/pip install -q --disable-pip-version-check --no-build-isolation "deepspeed==0.19.8"

@@ -170,7 +170,7 @@ __all__ = ["ModelConfig", "EXPERT_TYPES", "ATTN_LAYOUTS", "MOE_PLACEMENTS", "con
 
 PROCESSES = ("flow", "ddpm")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-PARALLEL_MODES = ("none", "ddp", "fsdp", "ep", "ep_fsdp")
+PARALLEL_MODES = ("none", "ddp", "fsdp", "ep", "ep_fsdp", "zero2", "zero3")
 
 
 @dataclass
@@ -195,8 +195,11 @@ class TrainConfig:
     precision: str = "auto"  # "auto": bf16 on CUDA, and on CPU where it measured faster; "fp32"; "bf16"; "fp16" (with loss scaling)
     grad_checkpointing: bool = False
     compile: bool = False  # torch.compile the model
-    parallel: str = "none"  # "none", "ddp", "fsdp", "ep" or "ep_fsdp" (torchrun sets the world; see docs/scaling.md)
+    parallel: str = "none"  # "none", "ddp", "fsdp", "ep", "ep_fsdp", or DeepSpeed "zero2" / "zero3" (docs/scaling.md)
     ep_size: int = 0  # expert-parallel group size for "ep" / "ep_fsdp" (divides world and num_experts); 0 = world
+    balance_scope: str = "local"  # balance loss over each process's tokens ("local", as the official code) or all processes' ("global")
+    deepspeed_offload: bool = False  # zero2 / zero3: optimizer state (and zero3 parameters) in host memory
+    deepspeed_config: str = ""  # zero2 / zero3: a DeepSpeed JSON merged over the generated config
     seed: int = 0
     num_workers: int = 0  # data-loader worker processes (image folders benefit; in-memory MNIST does not)
     flip: bool = True  # random horizontal flips (image folders and latent caches; never for digits)
@@ -222,6 +225,12 @@ class TrainConfig:
             problems.append(f"precision {self.precision!r} is not one of {PRECISIONS}")
         if self.parallel not in PARALLEL_MODES:
             problems.append(f"parallel {self.parallel!r} is not one of {PARALLEL_MODES}")
+        if (self.deepspeed_offload or self.deepspeed_config) and self.parallel not in ("zero2", "zero3"):
+            problems.append("deepspeed_offload / deepspeed_config need --parallel zero2 or zero3")
+        if self.compile and self.parallel in ("zero2", "zero3"):
+            problems.append("compile is not supported with the DeepSpeed layouts; drop --compile or use fsdp")
+        if self.balance_scope not in ("local", "global"):
+            problems.append(f"balance_scope {self.balance_scope!r} is not 'local' or 'global'")
         if self.ep_size < 0:
             problems.append(f"ep_size must be >= 0 (0 = the whole world), got {self.ep_size}")
         if self.steps <= 0 or self.global_batch <= 0 or self.micro_batch < 0:

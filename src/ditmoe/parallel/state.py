@@ -81,6 +81,12 @@ def full_gradients(model: nn.Module) -> dict[str, torch.Tensor]:
     FSDP-sharded gradients are all-gathered, expert-parallel ones gathered over the ep group;
     for comparing layouts (tests) and debugging. Parameters without a gradient are left out.
     """
+    from .deepspeed_engine import is_deepspeed_model
+
+    if is_deepspeed_model(model):
+        from .deepspeed_engine import full_gradients as deepspeed_gradients
+
+        return deepspeed_gradients(model)
     owners = {id(p): m for _, m in expert_parallel_modules(model) for p in m.parameters(recurse=False)}
     out = {}
     for name, p in model.named_parameters():

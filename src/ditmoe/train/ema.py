@@ -7,6 +7,18 @@ import copy
 import torch
 
 
+def ema_decay_at(decay: float, warmup: bool, step: int) -> float:
+    """Decay used for the update after optimizer step `step` (0-based), under every layout.
+
+    With warm-up the decay is min(decay, (1 + step) / (10 + step)): a fixed 0.999 would still
+    hold 25% of the random initial weights after 1400 steps, which ruins short runs; long
+    runs reach the nominal decay early (0.9999 after about 90k steps, as in DiT's 400k).
+    """
+    if not warmup:
+        return decay
+    return min(decay, (1.0 + step) / (10.0 + step))
+
+
 class EMA:
     """Keeps a frozen copy of the model; `update` moves it towards the live weights.
 
@@ -18,15 +30,7 @@ class EMA:
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
 
     def decay_at(self, step: int) -> float:
-        """Decay used for the update after optimizer step `step` (0-based).
-
-        With warm-up the decay is min(decay, (1 + step) / (10 + step)): a fixed 0.999 would still
-        hold 25% of the random initial weights after 1400 steps, which ruins short runs; long
-        runs reach the nominal decay early (0.9999 after about 90k steps, as in DiT's 400k).
-        """
-        if not self.warmup:
-            return self.decay
-        return min(self.decay, (1.0 + step) / (10.0 + step))
+        return ema_decay_at(self.decay, self.warmup, step)
 
     @torch.no_grad()
     def update(self, model: torch.nn.Module, step: int | None = None) -> None:

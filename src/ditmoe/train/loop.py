@@ -180,12 +180,37 @@ class Trainer:
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         self.model = create_model(self.model_cfg).to(self.dist.device)
         self.model.gradient_checkpointing = cfg.grad_checkpointing
-        self.ema = EMA(self.model, cfg.ema_decay, warmup=cfg.ema_warmup)
         self.autocast_dtype = choose_precision(cfg.precision, self.dist.device, self.model_cfg)
-
-        from ..parallel import shard_ema, wrap_model
-
         self.num_parameters = sum(p.numel() for p in self.model.parameters())  # before any sharding
+        self.step = 0
+        # Per-rank noise stream, checkpointed with the rest of the RNG state.
+        self.noise_gen = torch.Generator(self.dist.device).manual_seed(cfg.seed * 7919 + self.dist.rank + 1)
+        resume_state = self._read_resume_state()
+        from ..parallel.deepspeed_engine import DEEPSPEED_MODES
+
+        self.deepspeed = None
+        if cfg.parallel in DEEPSPEED_MODES:
+            self._build_deepspeed(resume_state)
+        else:
+            self._build_torch(resume_state)
+        if cfg.balance_scope == "global" and self.dist.world > 1:
+            from torch.distributed import group as process_groups
+
+            from ..models.moe import MoE
+
+            for m in self.model.modules():  # after the EMA copy: process groups are not copyable
+                if isinstance(m, MoE):
+                    m.balance_group = process_groups.WORLD
+        torch.manual_seed(cfg.seed + self.dist.rank)  # label dropout draws from the global RNG
+        if resume_state is not None:
+            self._restore_progress(resume_state)
+
+    def _build_torch(self, resume_state: dict[str, Any] | None) -> None:
+        """Model layout, AdamW, EMA and (fp16) loss scaler from PyTorch's own engines."""
+        cfg = self.cfg
+        from ..parallel import load_full_model_state, load_full_optimizer_state, shard_ema, wrap_model
+
+        self.ema = EMA(self.model, cfg.ema_decay, warmup=cfg.ema_warmup)
         self.train_model = wrap_model(self.model, cfg.parallel, self.dist, ep_size=cfg.ep_size,
                                       param_dtype=self.autocast_dtype)
         shard_ema(self.ema.model, self.model, cfg.parallel)  # each rank keeps the EMA of its own shard
@@ -195,23 +220,55 @@ class Trainer:
                                            weight_decay=cfg.weight_decay)
         # Loss scaling only matters for fp16; for bf16 / fp32 the scaler is a pass-through.
         self.scaler = torch.amp.GradScaler(self.dist.device.type, enabled=self.autocast_dtype == torch.float16)
-        self.step = 0
-        # Per-rank noise stream, checkpointed with the rest of the RNG state.
-        self.noise_gen = torch.Generator(self.dist.device).manual_seed(cfg.seed * 7919 + self.dist.rank + 1)
-        torch.manual_seed(cfg.seed + self.dist.rank)  # label dropout draws from the global RNG
-        self._maybe_resume()
+        if resume_state is not None:
+            load_full_model_state(self.model, resume_state["model"], cfg.parallel)
+            load_full_model_state(self.ema.model, resume_state["ema"], cfg.parallel)
+            load_full_optimizer_state(self.model, self.optimizer, resume_state["optimizer"], cfg.parallel)
+
+    def _build_deepspeed(self, resume_state: dict[str, Any] | None) -> None:
+        """ZeRO-2 / ZeRO-3: DeepSpeed owns the optimizer, the loss scaling and the gradient reduction."""
+        from ..convert import load_into
+        from ..parallel.deepspeed_engine import DeepSpeedTraining
+
+        if resume_state is not None:  # the engine copies its fp32 masters from the module's weights
+            load_into(self.model, resume_state["model"])
+        precision = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.autocast_dtype]
+        self.deepspeed = DeepSpeedTraining(self.model, self.cfg, self.dist.device, self.micro_batch, self.accum,
+                                           self.dist.world, precision)
+        self.train_model = self.deepspeed.engine
+        self.optimizer = self.deepspeed.optimizer  # its param_groups take the scheduled lr
+        self.ema = self.deepspeed.ema
+        self.scaler = torch.amp.GradScaler(self.dist.device.type, enabled=False)  # DeepSpeed scales fp16
+        if resume_state is not None:
+            self.ema.load_full_state(resume_state["ema"])
+            self.deepspeed.load_optimizer_state(resume_state["optimizer"])
 
     # ------------------------------------------------------------------ checkpoints
-    def _state(self) -> dict[str, Any]:
+    def _full_states(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Any]]:
+        """Single-process model, EMA and optimizer state dicts (collective under sharded layouts)."""
+        if self.deepspeed is not None:
+            return self.deepspeed.full_model_state(), self.ema.full_state(), self.deepspeed.full_optimizer_state()
         from ..parallel import full_model_state, full_optimizer_state
 
+        return (full_model_state(self.model, self.cfg.parallel), full_model_state(self.ema.model, self.cfg.parallel),
+                full_optimizer_state(self.model, self.optimizer, self.cfg.parallel))
+
+    def full_ema_state(self) -> dict[str, torch.Tensor]:
+        if self.deepspeed is not None:
+            return self.ema.full_state()
+        from ..parallel import full_model_state
+
+        return full_model_state(self.ema.model, self.cfg.parallel)
+
+    def _state(self) -> dict[str, Any]:
+        model, ema, optimizer = self._full_states()
         return {
             "format": "ditmoe-train",
             "step": self.step,
-            "model": full_model_state(self.model, self.cfg.parallel),
-            "ema": full_model_state(self.ema.model, self.cfg.parallel),
+            "model": model,
+            "ema": ema,
             "weights_note": "'ema' holds the exponential moving average (decay %g); results use it" % self.cfg.ema_decay,
-            "optimizer": full_optimizer_state(self.model, self.optimizer, self.cfg.parallel),
+            "optimizer": optimizer,
             "rng": rng_state(),
             "noise_gen": self.noise_gen.get_state(),
             "data_position": {"step": self.step, "seed": self.cfg.seed, "global_batch": self.cfg.global_batch},
@@ -231,11 +288,13 @@ class Trainer:
             raise RuntimeError(f"writing the step-{self.step} checkpoint in {self.out / 'checkpoints'} failed "
                                f"({e.strerror or e}){keep}. Free disk space and resume with --resume auto.") from e
 
-    def _maybe_resume(self) -> None:
+    def _read_resume_state(self) -> dict[str, Any] | None:
+        """The checkpoint to resume from, checked against this run's configs (None for a fresh run)."""
         path = resolve_resume(self.cfg.resume, self.out)
         if path is None:
-            return
+            return None
         state = load_checkpoint(path)
+        state["_path"] = path
         saved_model = json.loads(state["model_config"])
         if saved_model != self.model_cfg.to_dict():
             raise ValueError(f"checkpoint {path} was trained with another model config "
@@ -246,11 +305,11 @@ class Trainer:
             if saved_train.get(key) != getattr(self.cfg, key):
                 raise ValueError(f"checkpoint {path} used {key}={saved_train.get(key)!r} but this run has "
                                  f"{key}={getattr(self.cfg, key)!r}; exact resume needs the same value")
-        from ..parallel import load_full_model_state, load_full_optimizer_state
+        return state
 
-        load_full_model_state(self.model, state["model"], self.cfg.parallel)
-        load_full_model_state(self.ema.model, state["ema"], self.cfg.parallel)
-        load_full_optimizer_state(self.model, self.optimizer, state["optimizer"], self.cfg.parallel)
+    def _restore_progress(self, state: dict[str, Any]) -> None:
+        """Step, RNG streams and data position of a checkpoint whose weights are already loaded."""
+        path = state["_path"]
         self.step = int(state["step"])
         if self.dist.world == 1:  # per-rank streams differ; a changed world size re-seeds them
             set_rng_state(state["rng"])
@@ -297,6 +356,12 @@ class Trainer:
         totals: dict[str, torch.Tensor] = {}
         for micro, (x, y) in enumerate(micro_batches):
             x, y = x.to(self.dist.device, non_blocking=True), y.to(self.dist.device, non_blocking=True)
+            if self.deepspeed is not None:  # DeepSpeed divides by the accumulation count and scales fp16
+                terms = self.loss_terms(x, y)
+                self.deepspeed.backward(terms["loss"], boundary=micro == len(micro_batches) - 1)
+                for k, v in terms.items():
+                    totals[k] = totals.get(k, 0.0) + v.detach() / len(micro_batches)
+                continue
             with no_sync_if(self.train_model, micro < len(micro_batches) - 1):
                 terms = self.loss_terms(x, y)
                 self.scaler.scale(terms["loss"] / len(micro_batches)).backward()
@@ -306,6 +371,10 @@ class Trainer:
 
     def optimizer_step(self) -> torch.Tensor | None:
         """Unscale, clip, step the optimizer and the EMA once per global batch."""
+        if self.deepspeed is not None:  # clipping and loss scaling happen inside the engine's step
+            grad_norm = self.deepspeed.step()
+            self.ema.update(self.model, self.step)
+            return grad_norm
         self.scaler.unscale_(self.optimizer)
         grad_norm = None
         if self.cfg.grad_clip > 0:
@@ -375,9 +444,7 @@ class Trainer:
                     self.save()
         progress.close()
         ckpt = self.save()
-        from ..parallel import full_model_state
-
-        ema_state = full_model_state(self.ema.model, cfg.parallel)  # collective: every rank takes part
+        ema_state = self.full_ema_state()  # collective: every rank takes part
         elapsed = time.perf_counter() - t_start
         summary = {
             "steps": self.step, "steps_this_run": self.step - start_step, "seconds": elapsed,
