@@ -10,7 +10,8 @@ Noise and times are drawn from the batch itself (the per-rank noise streams of a
 cannot equal a single process's stream), and label dropout is off. The balance loss is computed
 per process over that process's tokens (as each GPU does in the paper's code), so the reference
 for alpha > 0 is the single-process run accumulating over world-many micro-batches of the same
-split; with alpha = 0 it is one big batch.
+split; with alpha = 0, or with `balance_scope="global"` (counts and probabilities summed over the
+processes), it is one big batch.
 """
 
 from __future__ import annotations
@@ -146,6 +147,9 @@ RUNS = {
     "fsdp_accum": ({"parallel": "fsdp", "micro_batch": GLOBAL_BATCH // (2 * WORLD)}, 0.01, 2 * WORLD),
     # bf16: FSDP all-gathers the blocks' weights in bf16; single-process autocast casts them
     "fsdp_bf16": ({"parallel": "fsdp", "precision": "bf16"}, 0.01, WORLD),
+    # a balance loss over both processes' tokens: equals one big batch even with alpha > 0
+    "ddp_global_balance": ({"parallel": "ddp", "balance_scope": "global"}, 0.01, 1),
+    "fsdp_global_balance": ({"parallel": "fsdp", "balance_scope": "global"}, 0.01, 1),
 }
 
 

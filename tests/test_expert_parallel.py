@@ -118,7 +118,8 @@ def ep_worker(rank: int, world: int, out: str, runs: list) -> None:
 # so the single-process reference accumulates over (world x micro-batches per process).
 TRAINER_RUNS = {
     2: [("ep", {"parallel": "ep"}),  # ep = world = 2
-        ("ep_ckpt", {"parallel": "ep", "grad_checkpointing": True})],  # the backward recomputes the exchanges
+        ("ep_ckpt", {"parallel": "ep", "grad_checkpointing": True}),  # the backward recomputes the exchanges
+        ("ep_global_balance", {"parallel": "ep", "balance_scope": "global"})],  # equals one big batch
     4: [("ep", {"parallel": "ep"}),  # ep = world = 4
         # dp 2 x ep 2, dense weights by DDP, 2 micro-batches per process (the first without sync)
         ("ep2_ddp_accum", {"parallel": "ep", "ep_size": 2, "micro_batch": GLOBAL_BATCH // 8}),
@@ -191,6 +192,8 @@ def test_trainer_matches_single_process(ep_run, ep_references, tmp_path):
     world, root = ep_run
     for name, kw in TRAINER_RUNS[world]:
         accumulate_over = GLOBAL_BATCH // kw.get("micro_batch", GLOBAL_BATCH // world)
+        if kw.get("balance_scope") == "global":  # the balance loss of the whole batch: no split
+            accumulate_over = 1
         ref, ref_record = ep_references.get(ALPHA, accumulate_over, num_experts=EXPERTS)
         check_against_reference(root / name, world, ref, ref_record, tmp_path / name,
                                 model_overrides(ALPHA, num_experts=EXPERTS))

@@ -10,7 +10,7 @@ over the contiguous slices does the same arithmetic.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
@@ -53,15 +53,30 @@ def expert_counts(expert_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
     return torch.zeros(num_experts, dtype=torch.long, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
 
 
-def balance_loss(probs: torch.Tensor, topk_idx: torch.Tensor, num_experts: int, alpha: float) -> torch.Tensor:
+def balance_loss(probs: torch.Tensor, topk_idx: torch.Tensor, num_experts: int, alpha: float,
+                 group: Any = None) -> torch.Tensor:
     """Expert-level balance loss (paper Eq. 5) over every token T of the batch.
 
     L = alpha * sum_i f_i * P_i with f_i = E / (k T) * #tokens that picked i, P_i = mean_t p_t,i.
+
+    With a process `group` the counts, token numbers and probability sums are first summed over
+    its processes, so each computes the loss of the union of their batches. The probability sum
+    goes through an all-reduce whose backward is again a sum: with every process holding the same
+    loss and gradients averaged over processes, the gradient is exactly that of the global loss.
     """
     t, k = topk_idx.shape
     counts = expert_counts(topk_idx, num_experts).to(probs.dtype)
-    f = counts * (num_experts / (k * t))
-    return alpha * (f * probs.mean(dim=0)).sum()
+    if group is None:
+        f = counts * (num_experts / (k * t))
+        return alpha * (f * probs.mean(dim=0)).sum()
+    import torch.distributed as dist
+
+    counts_and_tokens = torch.cat([counts, counts.new_full((1,), float(t))])
+    dist.all_reduce(counts_and_tokens, group=group)  # f_i is a count: no gradient flows through it
+    counts, tokens = counts_and_tokens[:-1], counts_and_tokens[-1]
+    prob_sum = _SumOverProcesses.apply(probs.sum(dim=0), group)
+    f = counts * num_experts / (k * tokens)
+    return alpha * (f * prob_sum / tokens).sum()
 
 
 def _grouped_mm_supported(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -212,6 +227,27 @@ class _Permute(torch.autograd.Function):
 RouteObserver = Callable[["MoE", torch.Tensor, torch.Tensor], None]
 
 
+class _SumOverProcesses(torch.autograd.Function):
+    """All-reduce (sum) whose backward is again an all-reduce (sum) of the incoming gradients."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group: Any) -> torch.Tensor:
+        import torch.distributed as dist
+
+        ctx.group = group
+        out = x.clone()
+        dist.all_reduce(out, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        import torch.distributed as dist
+
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
 class MoE(nn.Module):
     """Routed experts plus an always-on shared expert: y = sum_k w_k E_k(x) + S(x)."""
 
@@ -226,6 +262,9 @@ class MoE(nn.Module):
         # Set by analysis.RoutingRecorder for the duration of a `with` block; called with
         # (self, topk_idx (N, T, k), topk_weight (N, T, k)).
         self.observer: RouteObserver | None = None
+        # Set by the trainer for a balance loss over all data-parallel processes' tokens
+        # (`--balance-scope global`); None keeps it per process, as the official code has it.
+        self.balance_group: Any = None
 
     def forward(self, x: torch.Tensor, return_aux: bool = False):
         """x (N, T, D) -> (N, T, D); with return_aux also the balance loss (scalar, fp32)."""
@@ -253,7 +292,7 @@ class MoE(nn.Module):
         if not return_aux:
             return y
         if self.aux_alpha > 0:
-            aux = balance_loss(probs, topk_idx, self.num_experts, self.aux_alpha)
+            aux = balance_loss(probs, topk_idx, self.num_experts, self.aux_alpha, group=self.balance_group)
         else:
             aux = probs.new_zeros(())
         return y, aux
