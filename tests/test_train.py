@@ -164,8 +164,9 @@ def test_train_help_lists_every_option_with_default(capsys):
     for field in TrainConfig.__dataclass_fields__:
         assert "--" + field.replace("_", "-") in out, field
     flat = " ".join(out.split())
-    assert "--steps INT (default: 3000)" in flat and "--lr FLOAT (default: 0.0001)" in flat
-    assert "--model-num-experts N (default: registry value)" in flat
+    assert "--steps INT optimizer steps (global batches) (default: 3000)" in flat  # the field's comment
+    assert "--lr FLOAT (default: 0.0001)" in flat
+    assert "--model-num-experts N 0 makes every block dense (default: registry value)" in flat
 
 
 def test_config_file_and_flags(tmp_path):

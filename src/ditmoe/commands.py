@@ -39,12 +39,25 @@ def _flag_type(tp: Any):
     return str
 
 
+def field_comments(cls: type) -> dict[str, str]:
+    """The `# ...` comment after each field of a config dataclass: the one place options are explained."""
+    import inspect
+    import re
+
+    try:
+        source = inspect.getsource(cls)
+    except (OSError, TypeError):  # no source (frozen app): flags keep their defaults only
+        return {}
+    return {m.group(1): m.group(2).strip() for m in re.finditer(r"^\s+(\w+):[^#\n]*#\s*(.+)$", source, re.M)}
+
+
 def add_dataclass_flags(p: argparse.ArgumentParser, cls: type, prefix: str = "", skip: set[str] = frozenset(),
                         defaults: Any = None, title: str | None = None) -> None:
     """One `--flag` per field; the default shown in --help, SUPPRESS so only given flags override."""
     group = p.add_argument_group(title) if title else p
     hints = get_type_hints(cls)
     inst = defaults if defaults is not None else cls()
+    comments = field_comments(cls)
     for f in dataclasses.fields(cls):
         if f.name in skip:
             continue
@@ -53,7 +66,8 @@ def add_dataclass_flags(p: argparse.ArgumentParser, cls: type, prefix: str = "",
         shown = "registry value" if prefix and default is None else repr(default)
         group.add_argument(flag, dest=prefix.replace("-", "_") + f.name, type=_flag_type(hints[f.name]),
                            default=argparse.SUPPRESS, metavar=type(default).__name__.upper() if default is not None else "N",
-                           help=f"(default: {shown})")
+                           help=(f"{comments[f.name]} " if f.name in comments else "").replace("%", "%%")
+                           + f"(default: {shown})")
 
 
 def load_config_file(path: str) -> dict[str, Any]:
