@@ -185,23 +185,38 @@ def _gathered(engine: Any, params: list[nn.Parameter]):
     return contextlib.nullcontext()
 
 
+def _is_writer() -> bool:
+    import torch.distributed as dist
+
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
 def full_model_state(engine: Any) -> dict[str, torch.Tensor]:
-    """The single-process state dict on the CPU, trainable weights from the fp32 masters (collective)."""
+    """The single-process state dict on rank 0's CPU, trainable weights from the fp32 masters.
+
+    Collective: every rank takes part in each gather, one parameter at a time (the whole model
+    never sits on a GPU); only rank 0, the checkpoint writer, keeps the tensors, the others get {}.
+    """
     from deepspeed.utils import safe_get_full_fp32_param
 
-    model = engine.module
-    masters = {n: safe_get_full_fp32_param(p) for n, p in _trainable(model)}
+    model, keep = engine.module, _is_writer()
     out = {}
     for module_name, module in model.named_modules():
-        own = list(module.named_parameters(recurse=False))
-        with _gathered(engine, [p for _, p in own]):
-            for n, p in own:
-                full = f"{module_name}.{n}" if module_name else n
-                out[full] = (masters[full] if full in masters else p.detach()).to("cpu", torch.float32, copy=True)
-        for n, b in module.named_buffers(recurse=False):
-            if n not in module._non_persistent_buffers_set:
-                out[f"{module_name}.{n}" if module_name else n] = b.detach().to("cpu", copy=True)
-    return {k: out[k] for k in model.state_dict()}  # the module's own key order
+        prefix = f"{module_name}." if module_name else ""
+        for n, p in module.named_parameters(recurse=False):
+            if p.requires_grad:
+                full = safe_get_full_fp32_param(p)
+            else:  # frozen (the position table): no master copy, gather the working one
+                with _gathered(engine, [p]):
+                    full = p.detach().clone()
+            if keep:
+                out[prefix + n] = full.to("cpu", torch.float32, copy=True)
+            del full
+        if keep:
+            for n, b in module.named_buffers(recurse=False):
+                if n not in module._non_persistent_buffers_set:
+                    out[prefix + n] = b.detach().to("cpu", copy=True)
+    return {k: out[k] for k in model.state_dict()} if keep else {}  # the module's own key order
 
 
 def set_master_weights(engine: Any, sd: dict[str, torch.Tensor]) -> None:
@@ -220,7 +235,8 @@ def _base_optimizer(engine: Any) -> torch.optim.Optimizer:
 
 
 def full_optimizer_state(engine: Any, hyper: dict[str, Any]) -> dict[str, Any]:
-    """AdamW state as one process's `torch.optim.AdamW(model.parameters()).state_dict()` holds it."""
+    """AdamW state as one process's `torch.optim.AdamW(model.parameters()).state_dict()` holds it
+    (collective; rank 0 keeps it, the others get {})."""
     from deepspeed.utils import safe_get_full_optimizer_state
 
     model = engine.module
@@ -228,16 +244,16 @@ def full_optimizer_state(engine: Any, hyper: dict[str, Any]) -> dict[str, Any]:
     template = torch.optim.AdamW(params, **hyper).state_dict()  # the param_groups of a single process
     base = _base_optimizer(engine)
     steps = [s["step"] for s in base.state.values() if "step" in s]
-    state = {}
+    state, keep = {}, _is_writer()
     if steps:
         step = torch.as_tensor(steps[0], dtype=torch.float32).detach().cpu().clone()
         for i, p in enumerate(params):
             if not p.requires_grad:
                 continue
-            state[i] = {"step": step.clone(),
-                        "exp_avg": safe_get_full_optimizer_state(p, "exp_avg").detach().float().cpu(),
-                        "exp_avg_sq": safe_get_full_optimizer_state(p, "exp_avg_sq").detach().float().cpu()}
-    return {"state": state, "param_groups": template["param_groups"]}
+            moments = {key: safe_get_full_optimizer_state(p, key) for key in ("exp_avg", "exp_avg_sq")}  # collective
+            if keep:
+                state[i] = {"step": step.clone(), **{k: v.detach().float().cpu() for k, v in moments.items()}}
+    return {"state": state, "param_groups": template["param_groups"]} if keep else {}
 
 
 def load_full_optimizer_state(engine: Any, sd: dict[str, Any]) -> None:
