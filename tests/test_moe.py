@@ -55,19 +55,24 @@ def make_layer(kind="swiglu", shared=32, experts=4, k=2, dim=16, hidden=24):
     return layer
 
 
+def planted_routing(pattern: str, t: int) -> torch.Tensor:
+    """Top-2 choices (t, 2) among 4 experts: random, one expert in every token, or two idle experts."""
+    torch.manual_seed(5)
+    if pattern == "random":
+        return torch.stack([torch.randperm(4)[:2] for _ in range(t)])
+    if pattern == "one_expert_gets_all":  # expert 3 in slot 0 of every token, expert 1 never used
+        return torch.stack([torch.tensor([3, 0 if i % 2 else 2]) for i in range(t)])
+    # experts 0 and 2 get nothing
+    return torch.stack([torch.tensor([1, 3]) if i % 2 else torch.tensor([3, 1]) for i in range(t)])
+
+
 @pytest.mark.parametrize("kind", ["swiglu", "gelu"])
 @pytest.mark.parametrize("pattern", ["random", "one_expert_gets_all", "some_experts_empty"])
 @pytest.mark.parametrize("use_grouped_mm", [True, False])
 def test_dispatch_matches_reference(kind, pattern, use_grouped_mm, monkeypatch):
     layer = make_layer(kind)
     x = torch.randn(3, 10, 16)
-    t = 30
-    if pattern == "random":
-        idx = torch.stack([torch.randperm(4)[:2] for _ in range(t)])
-    elif pattern == "one_expert_gets_all":  # expert 3 in slot 0 of every token, expert 1 never used
-        idx = torch.stack([torch.tensor([3, 0 if i % 2 else 2]) for i in range(t)])
-    else:  # experts 0 and 2 get nothing
-        idx = torch.stack([torch.tensor([1, 3]) if i % 2 else torch.tensor([3, 1]) for i in range(t)])
+    idx = planted_routing(pattern, 30)
     layer.gate = ForcedGate(idx, 4)
     w = layer.gate.w
     if not use_grouped_mm:
@@ -96,6 +101,49 @@ def test_gradients_match_reference(use_grouped_mm, monkeypatch):
     for n, p in layer.named_parameters():
         torch.testing.assert_close(got[n], p.grad, rtol=1e-4, atol=1e-5, msg=n)
     torch.testing.assert_close(got_x, x2.grad, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["swiglu", "gelu"])
+@pytest.mark.parametrize("pattern", ["random", "one_expert_gets_all", "some_experts_empty"])
+@pytest.mark.parametrize("padded", [True, False])
+def test_bf16_outputs_and_gradients_match_reference(kind, pattern, padded, monkeypatch):
+    """bf16 on CPU pads each expert group to a multiple of 64 rows (cached oneDNN kernels);
+    with and without it, outputs and every gradient equal the float64 per-token reference
+    within bf16 rounding, also with idle experts and with one expert in every token."""
+    layer = make_layer(kind)
+    idx = planted_routing(pattern, 30)
+    layer.gate = ForcedGate(idx, 4)
+    calls = []
+    if padded:
+        real = moe_mod.pad_groups
+        monkeypatch.setattr(moe_mod, "pad_groups", lambda *a: calls.append(a[2].tolist()) or real(*a))
+    else:
+        monkeypatch.setattr(moe_mod, "cpu_row_bucket", lambda xs: 0)
+    x = torch.randn(3, 10, 16, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16 and bool(calls) == padded
+    g = torch.randn(y.shape)
+    y.float().backward(g)
+    got = {n: p.grad.clone() for n, p in layer.named_parameters() if p.grad is not None}
+    layer.zero_grad()
+    x2 = x.detach().clone().requires_grad_()
+    ref = reference_moe(layer, x2, idx, layer.gate.w)
+    ref.backward(g.double())
+
+    def rel(a, b):
+        return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-12)).item()
+
+    # bf16 keeps 8 mantissa bits: about 2^-8 relative per rounding, a few roundings deep.
+    assert rel(y, ref) < 2e-2
+    assert rel(x.grad, x2.grad) < 2e-2
+    for n, p in layer.named_parameters():
+        if p.grad is not None and p.grad.abs().sum() > 0:
+            assert rel(got[n], p.grad) < 2e-2, n
+        elif n in got:
+            assert got[n].abs().sum() == 0, n
+    if pattern == "some_experts_empty":  # padding rows must not leak gradient into idle experts
+        assert got["experts.w_in"][[0, 2]].abs().sum() == 0 and got["experts.w_out"][[0, 2]].abs().sum() == 0
 
 
 def test_bf16_autocast_matches_fp32_reference():

@@ -150,6 +150,9 @@ class StackedExperts(nn.Module):
             xs, w_in, w_out = xs.to(dt), w_in.to(dt), w_out.to(dt)
         else:
             w_in, w_out = w_in.to(xs.dtype), w_out.to(xs.dtype)
+        bucket = cpu_row_bucket(xs)
+        if bucket:
+            xs, sorted_expert, counts, rows = pad_groups(xs, sorted_expert, counts, self.num_experts, bucket)
         offs = torch.cumsum(counts, 0).to(torch.int32)
         h = grouped_matmul(xs, w_in, counts, offs)  # (M, 2H) or (M, H)
         if self.kind == "swiglu":
@@ -159,7 +162,39 @@ class StackedExperts(nn.Module):
         out = grouped_matmul(a, w_out, counts, offs)
         if self.b_out is not None:
             out = out + self.b_out.to(out.dtype).index_select(0, sorted_expert)
-        return out
+        return out.index_select(0, rows) if bucket else out
+
+
+# oneDNN builds (JIT-compiles) a new bf16 / fp16 matmul kernel for every new row count it sees,
+# which costs about as much as the product itself at these sizes; expert groups change size
+# with every batch. Padding each group to a multiple of this many rows makes the shapes repeat,
+# so the kernels come from oneDNN's cache. fp32 products (MKL) have no such cost.
+CPU_ROW_BUCKET = 64
+
+
+def cpu_row_bucket(xs: torch.Tensor) -> int:
+    """Rows to pad each expert group to, or 0 where padding does not pay (GPUs, fp32, compile)."""
+    if xs.device.type != "cpu" or xs.dtype not in (torch.bfloat16, torch.float16) or torch.compiler.is_compiling():
+        return 0
+    return CPU_ROW_BUCKET
+
+
+def pad_groups(xs: torch.Tensor, sorted_expert: torch.Tensor, counts: torch.Tensor, num_experts: int,
+               bucket: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Zero rows appended to each expert group up to a multiple of `bucket` rows (CPU only: the
+    padded size is read on the host, which costs nothing there).
+
+    Returns the padded rows, their expert ids, the padded counts, and `rows`: where each
+    original row sits in the padded layout (`padded_out.index_select(0, rows)` undoes it).
+    """
+    padded = (counts + bucket - 1) // bucket * bucket
+    start = torch.cumsum(counts, 0) - counts
+    padded_start = torch.cumsum(padded, 0) - padded
+    rows = torch.arange(xs.shape[0], device=xs.device) + (padded_start - start).index_select(0, sorted_expert)
+    total = int(padded.sum())
+    xp = xs.new_zeros(total, xs.shape[1]).index_copy(0, rows, xs)
+    expert_ids = torch.repeat_interleave(torch.arange(num_experts, device=xs.device), padded)
+    return xp, expert_ids, padded, rows
 
 
 class _SwiGLUFromFused(torch.autograd.Function):
@@ -180,13 +215,15 @@ class _SwiGLUFromFused(torch.autograd.Function):
         (h,) = ctx.saved_tensors
         hid = ctx.hidden
         gate, up = h[:, :hid], h[:, hid:]
-        sig = torch.sigmoid(gate)
         # d silu(g) / dg = sig(g) * (1 + g * (1 - sig(g))); d / d up = silu(g).
         if torch.compiler.is_compiling():  # the compiler rejects strided out= and fuses the cat anyway
+            sig = torch.sigmoid(gate)
             return torch.cat([grad * up * sig * (1 + gate * (1 - sig)), grad * gate * sig], dim=-1), None
         dh = torch.empty_like(h)
-        torch.mul(grad, gate * sig, out=dh[:, hid:])
-        torch.mul(grad * up, sig * (1 + gate * (1 - sig)), out=dh[:, :hid])
+        # Four passes (silu, two products, silu's fused derivative) instead of eight elementwise
+        # ops: on CPU, where bf16 elementwise work is not free, this was 1.7x faster.
+        torch.mul(grad, F.silu(gate), out=dh[:, hid:])
+        torch.ops.aten.silu_backward.grad_input(grad * up, gate, grad_input=dh[:, :hid])
         return dh, None
 
 
