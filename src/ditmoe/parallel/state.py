@@ -62,8 +62,20 @@ def load_full_model_state(model: nn.Module, sd: dict[str, torch.Tensor], mode: s
     load_into(model, sd)
 
 
+# How the optimizer runs, not what it computes: kept from the optimizer being loaded into, so a
+# checkpoint of a fused single-process AdamW loads into FSDP's default one and the other way round.
+_IMPLEMENTATION_KEYS = ("fused", "foreach", "capturable", "differentiable")
+
+
+def _keep_implementation(optimizer: torch.optim.Optimizer, sd: dict[str, Any]) -> dict[str, Any]:
+    groups = [{**saved, **{k: own[k] for k in _IMPLEMENTATION_KEYS if k in own}}
+              for saved, own in zip(sd["param_groups"], optimizer.param_groups)]
+    return {**sd, "param_groups": groups}
+
+
 def load_full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, sd: dict[str, Any], mode: str) -> None:
     """Load a single-process optimizer state dict under the model's layout."""
+    sd = _keep_implementation(optimizer, sd)
     if is_expert_parallel(model):
         sd = shard_expert_optimizer_state(model, optimizer, sd)
     if mode in _FSDP:
