@@ -441,10 +441,11 @@ def bench_train(args, device, checks: Checks) -> dict[str, Any]:
     pkg_name = f"package default ({dtype_name(default)})"
     contenders = {
         "official fp32": TrainStep(off, off.parameters(), device, None, batch),
-        pkg_name: TrainStep(pkg, pkg.parameters(), device, default, batch),
+        # the package steps with fused AdamW, as ditmoe.train.loop.build_optimizer does in one process
+        pkg_name: TrainStep(pkg, pkg.parameters(), device, default, batch, fused_adam=True),
     }
     if default is not None:
-        contenders["package fp32"] = TrainStep(pkg, pkg.parameters(), device, None, batch)
+        contenders["package fp32"] = TrainStep(pkg, pkg.parameters(), device, None, batch, fused_adam=True)
     res = run_interleaved(contenders, args.repeats, args.warmup, device)
     for name, r in res.items():
         if "median_ms" in r:
@@ -540,7 +541,7 @@ def memory_child(args) -> None:
     else:
         dtype = choose_precision("auto", device, cfg)
     batch = make_batch(cfg, args.train_batch, device)
-    step = TrainStep(model, model.parameters(), device, dtype, batch)
+    step = TrainStep(model, model.parameters(), device, dtype, batch, fused_adam=args._contender != "official")
     step()  # allocates the optimizer state; its peak is not the steady state
     gc.collect()
     rec: dict[str, Any] = {"contender": args._contender, "precision": dtype_name(dtype),
@@ -666,10 +667,10 @@ def bench_compile(args, device, checks: Checks) -> dict[str, Any]:
         out["explain_error"] = _err(e)
         log(f"    dynamo.explain failed: {out['explain_error']}")
 
-    eager = TrainStep(model, model.parameters(), device, default, batch)
+    eager = TrainStep(model, model.parameters(), device, default, batch, fused_adam=True)
     names = {"eager": f"package eager ({prec})", "compiled": f"package compiled ({prec})"}
     try:
-        compiled = TrainStep(torch.compile(model), model.parameters(), device, default, batch)
+        compiled = TrainStep(torch.compile(model), model.parameters(), device, default, batch, fused_adam=True)
         t0 = time.perf_counter()
         compiled()  # the first call compiles (forward and backward graphs)
         sync(device)
@@ -823,7 +824,8 @@ def render_section(report: dict[str, Any]) -> str:
     if report.get("quick"):
         lines += ["**--quick run: tiny shapes, one repeat; a smoke test, not a measurement.**", ""]
     lines += [f"Median of {report['repeats']} interleaved rounds after {report['warmup']} warm-up round(s); "
-              f"official baseline with pretraining_tp={report['settings']['official_tp']} as the official expert MLP.", ""]
+              f"official baseline with pretraining_tp={report['settings']['official_tp']} as the official expert MLP; "
+              f"glibc malloc: {report['settings'].get('malloc', 'default')} (all contenders).", ""]
     if "layer" in res:
         lines += ["**MoE layer, forward + backward** (8 experts top-2, 256 tokens per image; "
                   "bound = one dense SwiGLU with the same activated GEMM FLOPs)", "",
@@ -960,6 +962,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--docs", type=Path, default=None, help="markdown file to update (default docs/performance.md; "
                                                            "not updated by --quick unless given)")
     p.add_argument("--no-docs", action="store_true")
+    p.add_argument("--default-malloc", action="store_true",
+                   help="leave glibc's malloc as it is; by default the process keeps freed memory for reuse, as "
+                        "the ditmoe command does (ditmoe.cpu_allocator), for every contender alike")
     p.add_argument("--_child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--_contender", default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -996,6 +1001,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         memory_child(args)
         return {}
     device = torch.device(args.device)
+    if not args.default_malloc:
+        # The allocator setting of the `ditmoe` command, for all contenders in this process (the
+        # memory benchmark's fresh processes pin their own setting).
+        from ditmoe.cpu_allocator import keep_freed_memory
+
+        args.malloc = "freed memory kept for reuse" if keep_freed_memory() else "default"
+    else:
+        args.malloc = "default"
     if device.type == "cuda":
         # As the official train.py: TF32 matmuls for the fp32 contenders.
         torch.backends.cuda.matmul.allow_tf32 = True
