@@ -100,6 +100,9 @@ def run_study(out: str | Path, steps: int = 2200, global_batch: int = 64, lr: fl
         trainer = Trainer(cfg, {**(model_overrides or {}), **v.overrides})
         summary = trainer.run()
         train_s = time.perf_counter() - t0
+        if summary["steps_this_run"] == 0 and (run / "train_summary.json").exists():
+            # a finished run was resumed: report the time it took when it was trained, not the resume
+            train_s = json.loads((run / "train_summary.json").read_text()).get("seconds", train_s)
         loaded = load_for_sampling(run / "model_ema.safetensors")
         labels = torch.arange(loaded.model.config.num_classes).repeat_interleave(samples_per_class)
         images = to_uint8_nhwc(generate(loaded.model, loaded.process, labels, steps=sample_steps,
