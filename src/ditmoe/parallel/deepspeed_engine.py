@@ -43,7 +43,29 @@ def import_deepspeed(device_type: str):
         raise ImportError(
             "--parallel zero2 / zero3 needs DeepSpeed: pip install 'ditmoe[deepspeed]' (with a CPU-only torch "
             "add --no-build-isolation, or pip fetches a CUDA torch just to build DeepSpeed)") from e
+    if device_type != "cuda":
+        _optional_shared_memory_op()
     return deepspeed
+
+
+def _optional_shared_memory_op() -> None:
+    """On CPUs DeepSpeed compiles a shared-memory all-reduce at start-up (needs gcc and the Python
+    headers); it only speeds up collectives, so where it cannot be built use torch.distributed's."""
+    import deepspeed.comm.torch as ds_torch_comm
+
+    build = ds_torch_comm.build_shm_op
+    if getattr(build, "_ditmoe_optional", False):
+        return
+
+    def build_or_skip():
+        try:
+            return build()
+        except Exception as e:  # noqa: BLE001 - any build failure means: no shared-memory op
+            print(f"DeepSpeed's shared-memory collectives could not be built ({type(e).__name__}); using gloo's")
+            return None
+
+    build_or_skip._ditmoe_optional = True
+    ds_torch_comm.build_shm_op = build_or_skip
 
 
 def deepspeed_config(stage: int, *, micro_batch: int, accum: int, world: int, lr: float,
