@@ -171,3 +171,20 @@ def test_deepspeed_options_need_a_deepspeed_layout():
         TrainConfig(parallel="ddp", deepspeed_offload=True).validate()
     with pytest.raises(ValueError, match="compile is not supported"):
         TrainConfig(parallel="zero3", compile=True).validate()
+
+
+def test_shared_memory_op_build_failure_falls_back(monkeypatch, capsys):
+    """Without a compiler or Python headers DeepSpeed's CPU start-up op cannot be built: gloo then."""
+    import importlib
+
+    from ditmoe.parallel import deepspeed_engine
+
+    comm = importlib.import_module("deepspeed.comm.torch")
+
+    def broken():
+        raise RuntimeError("Python.h: No such file or directory")
+
+    monkeypatch.setattr(comm, "build_shm_op", broken)
+    deepspeed_engine._optional_shared_memory_op()
+    assert comm.build_shm_op() is None
+    assert "could not be built (RuntimeError); using gloo's" in capsys.readouterr().out

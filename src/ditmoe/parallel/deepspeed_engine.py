@@ -51,7 +51,10 @@ def import_deepspeed(device_type: str):
 def _optional_shared_memory_op() -> None:
     """On CPUs DeepSpeed compiles a shared-memory all-reduce at start-up (needs gcc and the Python
     headers); it only speeds up collectives, so where it cannot be built use torch.distributed's."""
-    import deepspeed.comm.torch as ds_torch_comm
+    import importlib
+
+    # by module path: `deepspeed.comm.torch` as an attribute is the torch package itself
+    ds_torch_comm = importlib.import_module("deepspeed.comm.torch")
 
     build = ds_torch_comm.build_shm_op
     if getattr(build, "_ditmoe_optional", False):
