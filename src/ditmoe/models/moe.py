@@ -168,7 +168,7 @@ class StackedExperts(nn.Module):
 # oneDNN builds (JIT-compiles) a new bf16 / fp16 matmul kernel for every new row count it sees,
 # which costs about as much as the product itself at these sizes; expert groups change size
 # with every batch. Padding each group to a multiple of this many rows makes the shapes repeat,
-# so the kernels come from oneDNN's cache. fp32 products (MKL) have no such cost.
+# so the kernels come from oneDNN's cache. fp32 products take another GEMM path and stay unpadded.
 CPU_ROW_BUCKET = 64
 
 
