@@ -637,6 +637,31 @@ def _err(e: BaseException) -> str:
     return text
 
 
+def compare_compiled(what: str, eager: Callable, make_compiled: Callable[[], Callable], names: dict[str, str],
+                     repeats: int, warmup: int, device: torch.device, out: dict[str, Any]) -> None:
+    """Compile (timed: the first call), then time eager against compiled, interleaved; results,
+    or the failure, go into `out` (compile_s, times, speedup_vs_eager / error, traceback_tail)."""
+    try:
+        compiled = make_compiled()
+        t0 = time.perf_counter()
+        compiled()  # the first call compiles (for a training step: forward and backward graphs)
+        sync(device)
+        out["compile_s"] = time.perf_counter() - t0
+        log(f"    first compiled {what} (compilation) {out['compile_s']:.1f} s")
+        res = run_interleaved({names["eager"]: eager, names["compiled"]: compiled}, repeats, warmup, device)
+        for name, r in res.items():
+            if "median_ms" in r:
+                log(f"    {name:36s} median {r['median_ms']:10.2f} ms")
+        e, c = median_ms(res, names["eager"]), median_ms(res, names["compiled"])
+        out.update(times=res, speedup_vs_eager=e / c if e and c else None)
+        if out["speedup_vs_eager"]:
+            log(f"    compiled {what} speed-up over eager: {out['speedup_vs_eager']:.2f}x")
+    except Exception as e:
+        out["error"] = _err(e)
+        out["traceback_tail"] = traceback.format_exc().splitlines()[-6:]
+        log(f"    torch.compile ({what}) failed: {out['error']}")
+
+
 def bench_compile(args, device, checks: Checks) -> dict[str, Any]:
     """torch.compile of the package model: a training step, and (not with --quick) the sampler's
     inference forward (batch 2 x --sample-batch; mode "reduce-overhead", i.e. CUDA graphs, on CUDA),
@@ -668,26 +693,10 @@ def bench_compile(args, device, checks: Checks) -> dict[str, Any]:
         log(f"    dynamo.explain failed: {out['explain_error']}")
 
     eager = TrainStep(model, model.parameters(), device, default, batch, fused_adam=True)
-    names = {"eager": f"package eager ({prec})", "compiled": f"package compiled ({prec})"}
-    try:
-        compiled = TrainStep(torch.compile(model), model.parameters(), device, default, batch, fused_adam=True)
-        t0 = time.perf_counter()
-        compiled()  # the first call compiles (forward and backward graphs)
-        sync(device)
-        out["compile_s"] = time.perf_counter() - t0
-        log(f"    first compiled training step (compilation) {out['compile_s']:.1f} s")
-        res = run_interleaved({names["eager"]: eager, names["compiled"]: compiled}, args.repeats, args.warmup, device)
-        for name, r in res.items():
-            if "median_ms" in r:
-                log(f"    {name:28s} median {r['median_ms']:10.1f} ms")
-        e, c = median_ms(res, names["eager"]), median_ms(res, names["compiled"])
-        out.update(times=res, speedup_vs_eager=e / c if e and c else None)
-        if out["speedup_vs_eager"]:
-            log(f"    compiled training step speed-up over eager: {out['speedup_vs_eager']:.2f}x")
-    except Exception as e:
-        out["error"] = _err(e)
-        out["traceback_tail"] = traceback.format_exc().splitlines()[-6:]
-        log(f"    torch.compile (training step) failed: {out['error']}")
+    compare_compiled("training step", eager,
+                     lambda: TrainStep(torch.compile(model), model.parameters(), device, default, batch, fused_adam=True),
+                     {"eager": f"package eager ({prec})", "compiled": f"package compiled ({prec})"},
+                     args.repeats, args.warmup, device, out)
 
     if not args.quick:
         mode = "reduce-overhead" if device.type == "cuda" else "default"
@@ -703,27 +712,9 @@ def bench_compile(args, device, checks: Checks) -> dict[str, Any]:
             return run
 
         fwd: dict[str, Any] = {"batch": n, "mode": mode}
-        try:
-            cf = forward(torch.compile(model, mode=mode))
-            t0 = time.perf_counter()
-            cf()
-            sync(device)
-            fwd["compile_s"] = time.perf_counter() - t0
-            log(f"    first compiled forward (compilation) {fwd['compile_s']:.1f} s")
-            fnames = {"eager": f"forward eager ({prec})", "compiled": f"forward compiled {mode} ({prec})"}
-            res = run_interleaved({fnames["eager"]: forward(model), fnames["compiled"]: cf},
-                                  max(args.repeats, 5), max(args.warmup, 2), device)
-            for name, r in res.items():
-                if "median_ms" in r:
-                    log(f"    {name:36s} median {r['median_ms']:10.2f} ms")
-            e, c = median_ms(res, fnames["eager"]), median_ms(res, fnames["compiled"])
-            fwd.update(times=res, speedup_vs_eager=e / c if e and c else None)
-            if fwd["speedup_vs_eager"]:
-                log(f"    compiled forward speed-up over eager: {fwd['speedup_vs_eager']:.2f}x")
-        except Exception as e:
-            fwd["error"] = _err(e)
-            fwd["traceback_tail"] = traceback.format_exc().splitlines()[-6:]
-            log(f"    torch.compile (forward) failed: {fwd['error']}")
+        compare_compiled("forward", forward(model), lambda: forward(torch.compile(model, mode=mode)),
+                         {"eager": f"forward eager ({prec})", "compiled": f"forward compiled {mode} ({prec})"},
+                         max(args.repeats, 5), max(args.warmup, 2), device, fwd)
         out["forward"] = fwd
     del model
     gc.collect()
