@@ -258,10 +258,10 @@ class Trainer:
     def _full_states(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Any]]:
         """Single-process model, EMA and optimizer state dicts (collective under sharded layouts)."""
         if self.deepspeed is not None:
-            return self.deepspeed.full_model_state(), self.ema.full_state(), self.deepspeed.full_optimizer_state()
+            return self.deepspeed.full_model_state(), self.full_ema_state(), self.deepspeed.full_optimizer_state()
         from ..parallel import full_model_state, full_optimizer_state
 
-        return (full_model_state(self.model, self.cfg.parallel), full_model_state(self.ema.model, self.cfg.parallel),
+        return (full_model_state(self.model, self.cfg.parallel), self.full_ema_state(),
                 full_optimizer_state(self.model, self.optimizer, self.cfg.parallel))
 
     def full_ema_state(self) -> dict[str, torch.Tensor]:
