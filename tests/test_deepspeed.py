@@ -22,7 +22,7 @@ import torch
 pytest.importorskip("deepspeed")
 
 from test_distributed import (GLOBAL_BATCH, STEPS, WORLD, assert_optimizer_close, assert_state_close,  # noqa: E402
-                              check_against_reference, instrument, model_overrides, train_config)
+                              check_against_reference, instrument, model_overrides, reference_run, train_config)
 
 from ditmoe.parallel.deepspeed_engine import deepspeed_config, load_user_config, merge_config  # noqa: E402
 from ditmoe.parallel.launch import spawn_local  # noqa: E402
@@ -81,10 +81,10 @@ def zero_runs(tmp_path_factory):
     return root
 
 
-def reference(out: Path, alpha: float, accumulate_over: int, starve: bool, **cfg_kw):
-    tr = Trainer(train_config(out, micro_batch=GLOBAL_BATCH // accumulate_over, **cfg_kw), model_overrides(alpha))
-    record = instrument(tr)
-    if starve:  # micro-batch 1 of each step is rank 1's share in the distributed run
+def reference(out: Path, alpha: float, accumulate_over: int, starve: bool):
+    """The single-process reference; with `starve`, micro-batch 1 of each step (rank 1's share
+    in the distributed run) has its routing forced as rank 1's is there."""
+    def force_on_rank1_share(tr: Trainer) -> None:
         calls = {"n": 0}
         real = tr.loss_terms
 
@@ -94,8 +94,8 @@ def reference(out: Path, alpha: float, accumulate_over: int, starve: bool, **cfg
 
         tr.loss_terms = counted
         force_routing(tr.model, lambda: (calls["n"] - 1) % accumulate_over == 1)
-    tr.run()
-    return tr, record
+
+    return reference_run(out, alpha, accumulate_over, prepare=force_on_rank1_share if starve else None)
 
 
 @pytest.mark.parametrize("name", list(RUNS))

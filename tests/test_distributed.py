@@ -79,11 +79,14 @@ def train_worker(rank: int, world: int, runs: list[tuple[str, dict, dict]]) -> N
 
 
 def reference_run(out: Path, alpha: float, accumulate_over: int, precision: str = "fp32",
-                  **overrides) -> tuple[Trainer, dict]:
-    """Single process; `accumulate_over` micro-batches per step (= world when alpha > 0)."""
+                  prepare=None, **overrides) -> tuple[Trainer, dict]:
+    """Single process; `accumulate_over` micro-batches per step (= world when alpha > 0).
+    `prepare(trainer)`, if given, runs after instrumenting and before training."""
     tr = Trainer(train_config(out, micro_batch=GLOBAL_BATCH // accumulate_over, precision=precision),
                  model_overrides(alpha, **overrides))
     record = instrument(tr)
+    if prepare is not None:
+        prepare(tr)
     tr.run()
     return tr, record
 
