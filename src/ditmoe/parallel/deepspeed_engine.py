@@ -348,7 +348,6 @@ class DeepSpeedTraining:
                                   device_type=device.type)
         if cfg.deepspeed_config:
             ds_cfg = merge_config(ds_cfg, load_user_config(cfg.deepspeed_config))
-        self.config = ds_cfg
         self.hyper = {"lr": cfg.lr, "betas": (cfg.adam_beta1, cfg.adam_beta2), "eps": 1e-8,
                       "weight_decay": cfg.weight_decay}
         self.engine, self.optimizer, _, _ = self.deepspeed.initialize(
