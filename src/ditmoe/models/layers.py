@@ -110,9 +110,51 @@ class Attention(nn.Module):
         if self.layout == "fused_qknorm":
             q, k = self.q_norm(q), self.k_norm(k)
         # SDPA wants (N, H, T, Dh).
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2).to(q.dtype), v.transpose(1, 2).to(q.dtype))
+        out = attention(q.transpose(1, 2), k.transpose(1, 2).to(q.dtype), v.transpose(1, 2).to(q.dtype))
         out = out.transpose(1, 2).reshape(n, t, d)
         return (self.proj if self.layout == "qkv" else self.out_proj)(out)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(Dh)) v for q, k, v (N, H, T, Dh).
+
+    PyTorch's fused (flash) attention everywhere, except for the backward of bf16 training on
+    CPU, where its kernel is 3x slower than batched products: there `_RecomputedAttention` keeps
+    the flash forward and recomputes the attention matrix in the backward.
+    """
+    if (q.device.type == "cpu" and q.dtype == torch.bfloat16 and torch.is_grad_enabled()
+            and (q.requires_grad or k.requires_grad or v.requires_grad) and not torch.compiler.is_compiling()):
+        return _RecomputedAttention.apply(q, k, v)
+    return F.scaled_dot_product_attention(q, k, v)
+
+
+class _RecomputedAttention(torch.autograd.Function):
+    """Flash-attention forward; backward from the recomputed (N, H, T, T) probabilities.
+
+    Saves only q, k, v (no output, no log-sum-exp), like the flash kernel holds no T x T matrix
+    between forward and backward; the matrix exists only inside the backward of one layer.
+    The backward is the textbook one: dV = P^T dO, dP = dO V^T, dS = softmax'(dP),
+    dQ = dS K s, dK = dS^T Q s, in bf16 products with fp32 accumulation inside each kernel.
+    """
+
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(q, k, v)
+        return F.scaled_dot_product_attention(q, k, v)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        q, k, v = ctx.saved_tensors
+        scale = q.shape[-1] ** -0.5
+        qs = q * scale
+        probs = torch.softmax(torch.matmul(qs, k.transpose(-1, -2)), dim=-1)
+        grad = grad.to(q.dtype)
+        dv = torch.matmul(probs.transpose(-1, -2), grad)
+        dscores = torch.ops.aten._softmax_backward_data(torch.matmul(grad, v.transpose(-1, -2)), probs, -1, probs.dtype)
+        del probs
+        dq = torch.matmul(dscores, k).mul_(scale)
+        dk = torch.matmul(dscores.transpose(-1, -2), qs)
+        return dq, dk, dv
 
 
 class SwiGLU(nn.Module):
