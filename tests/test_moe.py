@@ -113,16 +113,15 @@ def test_bf16_outputs_and_gradients_match_reference(kind, pattern, padded, monke
     layer = make_layer(kind)
     idx = planted_routing(pattern, 30)
     layer.gate = ForcedGate(idx, 4)
-    calls = []
-    if padded:
-        real = moe_mod.pad_groups
-        monkeypatch.setattr(moe_mod, "pad_groups", lambda *a: calls.append(a[2].tolist()) or real(*a))
-    else:
-        monkeypatch.setattr(moe_mod, "cpu_row_bucket", lambda xs: 0)
+    if not padded:
+        monkeypatch.setattr(moe_mod, "cpu_row_bucket", lambda dtype, device: 0)
+    buckets = []
+    real = moe_mod.plan_dispatch
+    monkeypatch.setattr(moe_mod, "plan_dispatch", lambda idx, e, bucket=0: buckets.append(bucket) or real(idx, e, bucket))
     x = torch.randn(3, 10, 16, requires_grad=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = layer(x)
-    assert y.dtype == torch.bfloat16 and bool(calls) == padded
+    assert y.dtype == torch.bfloat16 and buckets == [moe_mod.CPU_ROW_BUCKET if padded else 0]
     g = torch.randn(y.shape)
     y.float().backward(g)
     got = {n: p.grad.clone() for n, p in layer.named_parameters() if p.grad is not None}

@@ -70,7 +70,7 @@ def test_activation_estimate_matches_saved_tensors(variant, bf16, monkeypatch):
     # cache measure (about 3% more rows at real sizes, far more at these tiny ones): off here.
     from ditmoe.models import moe
 
-    monkeypatch.setattr(moe, "cpu_row_bucket", lambda xs: 0)
+    monkeypatch.setattr(moe, "cpu_row_bucket", lambda dtype, device: 0)
     cfg = get_config("debug").replace(**SMALL).replace(**variant)
     n = 3  # 192 tokens: no activation shares a weight's shape
     measured = measured_saved_bytes(cfg, n, bf16)

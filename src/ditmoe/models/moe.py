@@ -10,13 +10,14 @@ over the contiguous slices does the same arithmetic.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from .layers import SwiGLU
+from .weight_casts import cast_weight
 
 
 class Router(nn.Module):
@@ -142,17 +143,15 @@ class StackedExperts(nn.Module):
             self.b_in.zero_()
             self.b_out.zero_()
 
+    def row_bucket(self, dtype: torch.dtype, device: torch.device) -> int:
+        """Rows the caller should pad each expert group to a multiple of (0: no padding)."""
+        return cpu_row_bucket(dtype, device)
+
     def forward(self, xs: torch.Tensor, sorted_expert: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """xs (M, D) sorted by expert; sorted_expert (M,) expert id of each row; -> (M, D)."""
-        w_in, w_out = self.w_in, self.w_out
-        if torch.is_autocast_enabled(xs.device.type):
-            dt = torch.get_autocast_dtype(xs.device.type)
-            xs, w_in, w_out = xs.to(dt), w_in.to(dt), w_out.to(dt)
-        else:
-            w_in, w_out = w_in.to(xs.dtype), w_out.to(xs.dtype)
-        bucket = cpu_row_bucket(xs)
-        if bucket:
-            xs, sorted_expert, counts, rows = pad_groups(xs, sorted_expert, counts, self.num_experts, bucket)
+        """xs (M, D) grouped by expert; sorted_expert (M,) expert id of each row; counts (E,)
+        rows per expert -> (M, D)."""
+        dt = torch.get_autocast_dtype(xs.device.type) if torch.is_autocast_enabled(xs.device.type) else xs.dtype
+        xs, w_in, w_out = xs.to(dt), cast_weight(self.w_in, dt), cast_weight(self.w_out, dt)
         offs = torch.cumsum(counts, 0).to(torch.int32)
         h = grouped_matmul(xs, w_in, counts, offs)  # (M, 2H) or (M, H)
         if self.kind == "swiglu":
@@ -162,7 +161,7 @@ class StackedExperts(nn.Module):
         out = grouped_matmul(a, w_out, counts, offs)
         if self.b_out is not None:
             out = out + self.b_out.to(out.dtype).index_select(0, sorted_expert)
-        return out.index_select(0, rows) if bucket else out
+        return out
 
 
 # oneDNN builds (JIT-compiles) a new bf16 / fp16 matmul kernel for every new row count it sees,
@@ -172,29 +171,52 @@ class StackedExperts(nn.Module):
 CPU_ROW_BUCKET = 64
 
 
-def cpu_row_bucket(xs: torch.Tensor) -> int:
+def cpu_row_bucket(dtype: torch.dtype, device: torch.device) -> int:
     """Rows to pad each expert group to, or 0 where padding does not pay (GPUs, fp32, compile)."""
-    if xs.device.type != "cpu" or xs.dtype not in (torch.bfloat16, torch.float16) or torch.compiler.is_compiling():
+    if device.type != "cpu" or dtype not in (torch.bfloat16, torch.float16) or torch.compiler.is_compiling():
         return 0
     return CPU_ROW_BUCKET
 
 
-def pad_groups(xs: torch.Tensor, sorted_expert: torch.Tensor, counts: torch.Tensor, num_experts: int,
-               bucket: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Zero rows appended to each expert group up to a multiple of `bucket` rows (CPU only: the
-    padded size is read on the host, which costs nothing there).
+class DispatchPlan(NamedTuple):
+    """Where each (slot, token) pair of a top-k routing goes in the expert-grouped row layout.
 
-    Returns the padded rows, their expert ids, the padded counts, and `rows`: where each
-    original row sits in the padded layout (`padded_out.index_select(0, rows)` undoes it).
+    Pairs are numbered slot-major, j = slot * T + token, so that the k outputs of one slot form
+    one contiguous (T, D) block and the weighted sum over slots is k - 1 fused multiply-adds
+    (a reduction over a middle axis of size k is several times slower on CPU).
     """
+
+    row_token: torch.Tensor  # (P,) token read by each expert row; padding rows read token 0
+    pair_row: torch.Tensor  # (k*T,) expert row of each (slot, token) pair
+    row_pair: torch.Tensor | None  # (P,) pair of each row when there is no padding (P = k*T), else None
+    row_expert: torch.Tensor  # (P,) expert of each row
+    counts: torch.Tensor  # (E,) rows per expert, padding included
+
+
+def plan_dispatch(topk_idx: torch.Tensor, num_experts: int, bucket: int = 0) -> DispatchPlan:
+    """Group the (slot, token) pairs of `topk_idx` (T, k) by expert, stably (ties in pair order).
+
+    With `bucket` > 0 every expert group is padded to a multiple of that many rows. Padding rows
+    read an arbitrary real token and their outputs are never read back, so they receive a zero
+    gradient and add exactly zero to the weight gradients. Without padding the plan stays on the
+    device (no host synchronisation); with it the padded total is read on the host (CPU only).
+    """
+    t, k = topk_idx.shape
+    pair_expert = topk_idx.t().reshape(-1)  # (k*T,) slot-major
+    row_pair = torch.argsort(pair_expert, stable=True)
+    counts = expert_counts(pair_expert, num_experts)
+    pair_row = torch.empty_like(row_pair)
+    pair_row[row_pair] = torch.arange(row_pair.numel(), device=row_pair.device)
+    if not bucket:
+        return DispatchPlan(row_pair % t, pair_row, row_pair, pair_expert.index_select(0, row_pair), counts)
     padded = (counts + bucket - 1) // bucket * bucket
-    start = torch.cumsum(counts, 0) - counts
-    padded_start = torch.cumsum(padded, 0) - padded
-    rows = torch.arange(xs.shape[0], device=xs.device) + (padded_start - start).index_select(0, sorted_expert)
+    shift = (torch.cumsum(padded, 0) - padded) - (torch.cumsum(counts, 0) - counts)
+    pair_row = pair_row + shift.index_select(0, pair_expert)
     total = int(padded.sum())
-    xp = xs.new_zeros(total, xs.shape[1]).index_copy(0, rows, xs)
-    expert_ids = torch.repeat_interleave(torch.arange(num_experts, device=xs.device), padded)
-    return xp, expert_ids, padded, rows
+    pair_token = torch.arange(k * t, device=topk_idx.device) % t
+    row_token = torch.zeros(total, dtype=torch.long, device=topk_idx.device).index_copy_(0, pair_row, pair_token)
+    row_expert = torch.repeat_interleave(torch.arange(num_experts, device=topk_idx.device), padded, output_size=total)
+    return DispatchPlan(row_token, pair_row, None, row_expert, padded)
 
 
 class _SwiGLUFromFused(torch.autograd.Function):
@@ -228,37 +250,50 @@ class _SwiGLUFromFused(torch.autograd.Function):
 
 
 class _DispatchRows(torch.autograd.Function):
-    """xs = x[order // k]: each token copied to its k expert slots, in expert order.
+    """xs = x.to(dtype)[row_token]: each token copied to its k expert rows, in expert order.
 
-    The backward un-sorts with the inverse permutation and sums each token's k slots: a gather
-    and a reduction, deterministic, where `index_select`'s backward would scatter-add atomically.
+    The cast happens before the gather (T rows converted, not k*T), inside the function, so the
+    backward can sum each token's k row gradients in fp32 before returning them in x's dtype.
+    The backward is a gather and a sum, deterministic, where `index_select`'s own backward would
+    scatter-add atomically.
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor, k: int) -> torch.Tensor:
-        ctx.save_for_backward(inverse)
+    def forward(ctx, x: torch.Tensor, row_token: torch.Tensor, pair_row: torch.Tensor, k: int,
+                dtype: torch.dtype) -> torch.Tensor:
+        ctx.save_for_backward(pair_row)
         ctx.k = k
-        return x.index_select(0, torch.div(order, k, rounding_mode="floor"))
+        return x.to(dtype).index_select(0, row_token)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        (inverse,) = ctx.saved_tensors
-        g = grad.index_select(0, inverse)
-        return g.view(-1, ctx.k, g.shape[-1]).sum(dim=1), None, None, None
+        (pair_row,) = ctx.saved_tensors
+        g = grad.index_select(0, pair_row).view(ctx.k, -1, grad.shape[-1])  # (k, T, D)
+        out = g[0].float()
+        for slot in range(1, ctx.k):
+            out += g[slot]
+        return out, None, None, None, None
 
 
-class _Permute(torch.autograd.Function):
-    """y = x[perm] for a permutation; the backward is the gather by the inverse permutation."""
+class _GatherPairs(torch.autograd.Function):
+    """Expert rows back in (slot, token) order: y = ys[pair_row], padding rows dropped.
+
+    Each row is read at most once, so the backward is a gather by the inverse permutation or,
+    with padding, a copy into zeros: deterministic either way.
+    """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, perm: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(inverse)
-        return x.index_select(0, perm)
+    def forward(ctx, ys: torch.Tensor, pair_row: torch.Tensor, row_pair: torch.Tensor | None) -> torch.Tensor:
+        ctx.save_for_backward(pair_row, row_pair)
+        ctx.rows = ys.shape[0]
+        return ys.index_select(0, pair_row)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        (inverse,) = ctx.saved_tensors
-        return grad.index_select(0, inverse), None, None
+        pair_row, row_pair = ctx.saved_tensors
+        if row_pair is not None:
+            return grad.index_select(0, row_pair), None, None
+        return grad.new_zeros(ctx.rows, grad.shape[-1]).index_copy_(0, pair_row, grad), None, None
 
 
 RouteObserver = Callable[["MoE", torch.Tensor, torch.Tensor], None]
@@ -312,18 +347,16 @@ class MoE(nn.Module):
             self.observer(self, topk_idx.view(n, t, -1), topk_w.view(n, t, -1))
 
         k = self.top_k
-        slot_expert = topk_idx.reshape(-1)  # (NT*k,) expert of each (token, slot)
-        order = torch.argsort(slot_expert, stable=True)
-        sorted_expert = slot_expert.index_select(0, order)
-        counts = expert_counts(slot_expert, self.num_experts)
-        inverse = torch.empty_like(order)
-        inverse[order] = torch.arange(order.numel(), device=order.device)
-        xs = _DispatchRows.apply(flat, order, inverse, k)  # (NT*k, D) grouped by expert
-        ys = self.experts(xs, sorted_expert, counts)
-        # Undo the sort with a gather (deterministic, unlike a scatter-add), then weight and sum
-        # the k slots of each token.
-        y = _Permute.apply(ys, inverse, order).view(n * t, k, d)
-        y = (y * topk_w.unsqueeze(-1).to(y.dtype)).sum(dim=1).view(n, t, d)
+        dt = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        plan = plan_dispatch(topk_idx, self.num_experts, self.experts.row_bucket(dt, x.device))
+        xs = _DispatchRows.apply(flat, plan.row_token, plan.pair_row, k, dt)  # (P, D) grouped by expert
+        ys = self.experts(xs, plan.row_expert, plan.counts)
+        y_pairs = _GatherPairs.apply(ys, plan.pair_row, plan.row_pair).view(k, n * t, d)
+        w = topk_w.to(y_pairs.dtype)
+        y = y_pairs[0] * w[:, :1]
+        for slot in range(1, k):
+            y.addcmul_(y_pairs[slot], w[:, slot:slot + 1])
+        y = y.view(n, t, d)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
         if not return_aux:

@@ -91,6 +91,11 @@ class ExpertParallelExperts(StackedExperts):
         return (f"experts {self.first_expert}..{self.first_expert + self.num_experts - 1} of "
                 f"{self.num_global_experts} (ep rank {self.ep_rank} of {self.ep_size})")
 
+    def row_bucket(self, dtype: torch.dtype, device: torch.device) -> int:
+        # Padding rows would travel through both exchanges; the grouped GEMMs here take the
+        # exact counts (the CPU kernel-cache padding is for one-process runs).
+        return 0
+
     def forward(self, xs: torch.Tensor, sorted_expert: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """xs (M, D) sorted by global expert id, counts (E,) -> (M, D), as `StackedExperts.forward`."""
         ep, local, group = self.ep_size, self.num_experts, self.group

@@ -10,6 +10,7 @@ from typing import Any, Callable
 import torch
 
 from ..diffusion.gaussian import GaussianDiffusion, create_diffusion, space_timesteps
+from ..models.weight_casts import reuse_weight_casts
 from .cfg import conditional, guided
 from .ddim import ddim_sample
 from .ddpm import DenoiseFn, StepCallback, ddpm_sample
@@ -79,7 +80,8 @@ def sample(model: Callable[..., torch.Tensor], process_kind: str = "ddpm", sampl
     fn = guided(model, labels, null_label, cfg_scale, cfg_channels, cfg_interval) if cfg_scale != 1.0 \
         else conditional(model, labels)
 
-    with torch.no_grad():
+    # One cast of each expert weight for the whole run, not one per network call.
+    with torch.no_grad(), reuse_weight_casts():
         if process_kind == "flow":
             run = euler_sample if sampler == "euler" else heun_sample
             return run(fn, noise, steps, shift=shift, progress=progress, on_step=on_step)
