@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from ditmoe.models import fused_swiglu
 from ditmoe.models import moe as moe_mod
 from ditmoe.models.moe import MoE, balance_loss
 
@@ -106,10 +107,15 @@ def test_gradients_match_reference(use_grouped_mm, monkeypatch):
 @pytest.mark.parametrize("kind", ["swiglu", "gelu"])
 @pytest.mark.parametrize("pattern", ["random", "one_expert_gets_all", "some_experts_empty"])
 @pytest.mark.parametrize("padded", [True, False])
-def test_bf16_outputs_and_gradients_match_reference(kind, pattern, padded, monkeypatch):
-    """bf16 on CPU pads each expert group to a multiple of 64 rows (cached oneDNN kernels);
-    with and without it, outputs and every gradient equal the float64 per-token reference
-    within bf16 rounding, also with idle experts and with one expert in every token."""
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-swiglu", "eager-swiglu"])
+def test_bf16_outputs_and_gradients_match_reference(kind, pattern, padded, fused, monkeypatch):
+    """bf16 on CPU pads each expert group to a multiple of 64 rows (cached oneDNN kernels) and
+    runs SwiGLU through compiled one-pass kernels; with and without either, outputs and every
+    gradient equal the float64 per-token reference within bf16 rounding, also with idle experts
+    and with one expert in every token."""
+    if kind == "gelu" and not fused:
+        pytest.skip("GELU experts have no fused path")
+    monkeypatch.setattr(fused_swiglu, "ENABLED", fused)
     layer = make_layer(kind)
     idx = planted_routing(pattern, 30)
     layer.gate = ForcedGate(idx, 4)
@@ -182,3 +188,46 @@ def test_renormalised_topk_weights_sum_to_one():
     idx, w, probs = layer.gate(torch.randn(40, 16))
     assert torch.allclose(w.sum(-1), torch.ones(40))
     assert torch.equal(idx.sort(-1).values, probs.topk(3).indices.sort(-1).values)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fused_swiglu_kernels_match_float64(dtype):
+    torch.manual_seed(0)
+    hid = 40
+    h = (2 * torch.randn(70, 2 * hid)).to(dtype)  # 70 rows: no multiple of a vector width
+    grad = torch.randn(70, hid).to(dtype)
+    h64 = h.double().requires_grad_()
+    ref = F.silu(h64[:, :hid]) * h64[:, hid:]
+    ref.backward(grad.double())
+    out = fused_swiglu.forward(h, hid)
+    dh = fused_swiglu.backward(grad, h, hid)
+    assert out.dtype == dh.dtype == dtype and dh.shape == h.shape
+    # Computed in fp32 and rounded once: within one rounding of the exact value.
+    eps = torch.finfo(dtype).eps
+    assert ((out.double() - ref).abs() <= eps * ref.abs() + 1e-6).all()
+    assert ((dh.double() - h64.grad).abs() <= eps * h64.grad.abs() + 1e-6).all()
+
+
+def test_fused_swiglu_falls_back_to_eager_with_a_warning_when_compilation_fails(monkeypatch):
+    def broken_compile(fn, **kw):
+        def run(*a):
+            raise RuntimeError("no C++ compiler")
+        return run
+
+    monkeypatch.setattr(fused_swiglu, "_compiled", {})
+    monkeypatch.setattr(fused_swiglu, "_unavailable", False)
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    layer = make_layer("swiglu")
+    x = torch.randn(2, 10, 16, requires_grad=True)
+    with pytest.warns(RuntimeWarning, match="could not compile the fused SwiGLU") as caught:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = layer(x)
+        y.float().sum().backward()  # the backward goes straight to the eager ops
+    assert len([w for w in caught if "fused SwiGLU" in str(w.message)]) == 1
+    monkeypatch.setattr(fused_swiglu, "ENABLED", False)
+    x2 = x.detach().clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y2 = layer(x2)
+    y2.float().sum().backward()
+    torch.testing.assert_close(y, y2, rtol=0, atol=0)
+    torch.testing.assert_close(x.grad, x2.grad, rtol=0, atol=0)

@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import fused_swiglu
 from .layers import SwiGLU
 from .weight_casts import cast_weight
 
@@ -230,17 +231,23 @@ class _SwiGLUFromFused(torch.autograd.Function):
     def forward(ctx, h: torch.Tensor, hidden: int) -> torch.Tensor:
         ctx.save_for_backward(h)
         ctx.hidden = hidden
+        if fused_swiglu.applies(h):
+            out = fused_swiglu.forward(h, hidden)
+            if out is not None:
+                return out
         return F.silu(h[:, :hidden]) * h[:, hidden:]
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         (h,) = ctx.saved_tensors
         hid = ctx.hidden
-        gate, up = h[:, :hid], h[:, hid:]
-        # d silu(g) / dg = sig(g) * (1 + g * (1 - sig(g))); d / d up = silu(g).
         if torch.compiler.is_compiling():  # the compiler rejects strided out= and fuses the cat anyway
-            sig = torch.sigmoid(gate)
-            return torch.cat([grad * up * sig * (1 + gate * (1 - sig)), grad * gate * sig], dim=-1), None
+            return fused_swiglu.swiglu_backward_math(grad, h, hid), None
+        if fused_swiglu.applies(h):
+            dh = fused_swiglu.backward(grad, h, hid)
+            if dh is not None:
+                return dh, None
+        gate, up = h[:, :hid], h[:, hid:]
         dh = torch.empty_like(h)
         # Four passes (silu, two products, silu's fused derivative) instead of eight elementwise
         # ops: on CPU, where bf16 elementwise work is not free, this was 1.7x faster.
