@@ -388,7 +388,7 @@ def bench_layer(args, device, checks: Checks) -> dict[str, Any]:
             "package bf16": lambda: layer_step(pkg, x, grads, device, bf16, True),
             "bound bf16": lambda: layer_step(bound, x, grads, device, bf16, False),
         }
-        res = run_interleaved(contenders, args.repeats, args.warmup, device)
+        res = run_interleaved(contenders, args.layer_repeats, args.warmup, device)
         tokens = args.batch * args.tokens
         flops = 3 * 2 * tokens * 3 * d * (TOP_K * 4 * d + 2 * d)  # fwd + bwd GEMMs of the experts
         for name, r in res.items():
@@ -814,7 +814,9 @@ def render_section(report: dict[str, Any]) -> str:
              f"Measured {report['timestamp']} with:", "", "```", report["command"], "```", ""]
     if report.get("quick"):
         lines += ["**--quick run: tiny shapes, one repeat; a smoke test, not a measurement.**", ""]
-    lines += [f"Median of {report['repeats']} interleaved rounds after {report['warmup']} warm-up round(s); "
+    layer_rounds = report["settings"].get("layer_repeats", report["repeats"])
+    lines += [f"Median of {report['repeats']} interleaved rounds ({layer_rounds} for the layer) after "
+              f"{report['warmup']} warm-up round(s); "
               f"official baseline with pretraining_tp={report['settings']['official_tp']} as the official expert MLP; "
               f"glibc malloc: {report['settings'].get('malloc', 'default')} (all contenders).", ""]
     if "layer" in res:
@@ -933,6 +935,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if available")
     p.add_argument("--quick", action="store_true", help="tiny shapes, 1 repeat (smoke test)")
     p.add_argument("--repeats", type=int, default=None, help="timed rounds (default 3; --quick 1)")
+    p.add_argument("--layer-repeats", type=int, default=None,
+                   help="timed rounds of the layer benchmark, whose rounds take seconds (default 15; --quick 1)")
     p.add_argument("--warmup", type=int, default=1, help="warm-up rounds (default 1)")
     p.add_argument("--only", default=None, help=f"comma-separated subset of {','.join(BENCHES)}")
     p.add_argument("--batch", type=int, default=None, help="layer benchmark images (default 8 on cpu, 32 on cuda; --quick 2)")
@@ -963,6 +967,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         a.device = "cuda" if torch.cuda.is_available() else "cpu"
     q = a.quick
     a.repeats = a.repeats if a.repeats is not None else (1 if q else 3)
+    # Timings on a shared machine move by 10-40% from minute to minute; the cheap layer rounds
+    # can afford many more of them than the training and sampling rounds.
+    a.layer_repeats = a.layer_repeats if a.layer_repeats is not None else (1 if q else 15)
     # On a GPU a batch of 8 images is launch-bound; 32 is a per-GPU training batch.
     a.batch = a.batch or (2 if q else (32 if a.device == "cuda" else 8))
     a.tokens = a.tokens or (16 if q else 256)
