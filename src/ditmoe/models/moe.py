@@ -2,8 +2,8 @@
 
 Dispatch is dropless and identical in training and inference: the (token, slot) pairs are sorted
 by expert, every expert reads one contiguous slice, and the results are put back in token order.
-Where the backend has a grouped matrix product (`torch._grouped_mm`: CPU in any float dtype, CUDA
-bf16 on sm90+) the whole layer is two grouped GEMMs with no host synchronisation; elsewhere a loop
+Where the backend has a grouped matrix product (`torch._grouped_mm`: CPU in fp32 / bf16 / fp16,
+CUDA bf16 on sm90+) the whole layer is two grouped GEMMs with no host synchronisation; elsewhere a loop
 over the contiguous slices does the same arithmetic.
 """
 
@@ -86,8 +86,8 @@ def _grouped_mm_supported(a: torch.Tensor, b: torch.Tensor) -> bool:
         return False
     if torch.compiler.is_compiling() and not (a.dtype == b.dtype == torch.bfloat16):
         return False  # the compiler's shape function for _grouped_mm accepts bf16 only
-    if a.device.type == "cpu":
-        return True
+    if a.device.type == "cpu":  # no float64 kernel: float64 models take the loop
+        return a.dtype in (torch.float32, torch.bfloat16, torch.float16) and b.dtype == a.dtype
     if a.device.type == "cuda":
         major, _ = torch.cuda.get_device_capability(a.device)
         # Row strides must be 16-byte aligned for the CUDA kernels.
@@ -270,13 +270,14 @@ class _DispatchRows(torch.autograd.Function):
                 dtype: torch.dtype) -> torch.Tensor:
         ctx.save_for_backward(pair_row)
         ctx.k = k
+        ctx.sum_dtype = torch.promote_types(x.dtype, torch.float32)  # fp32, or float64 for float64 inputs
         return x.to(dtype).index_select(0, row_token)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         (pair_row,) = ctx.saved_tensors
         g = grad.index_select(0, pair_row).view(ctx.k, -1, grad.shape[-1])  # (k, T, D)
-        out = g[0].float()
+        out = g[0].to(ctx.sum_dtype, copy=True)
         for slot in range(1, ctx.k):
             out += g[slot]
         return out, None, None, None, None
