@@ -35,9 +35,12 @@ def cast_weight(w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """w.to(dtype), reused from the cache of `reuse_weight_casts` when no gradient is recorded."""
     if w.dtype == dtype:
         return w
+    # The compiler cannot trace ContextVar.get (a graph break per call): ask it last. Inference
+    # tensors keep no version counter, so a cached cast of one could go stale unseen.
+    if torch.compiler.is_compiling() or torch.is_grad_enabled() or w.is_inference():
+        return w.to(dtype)
     cache = _WEIGHT_CASTS.get()
-    # Inference tensors keep no version counter, so a cached cast of one could go stale unseen.
-    if cache is None or torch.is_grad_enabled() or torch.compiler.is_compiling() or w.is_inference():
+    if cache is None:
         return w.to(dtype)
     key = (id(w), dtype)
     hit = cache.get(key)
