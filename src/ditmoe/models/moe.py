@@ -81,6 +81,11 @@ def balance_loss(probs: torch.Tensor, topk_idx: torch.Tensor, num_experts: int, 
     return alpha * (f * prob_sum / tokens).sum()
 
 
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the expert products run in: autocast's on x's device where it is on, else x's."""
+    return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+
+
 def _grouped_mm_supported(a: torch.Tensor, b: torch.Tensor) -> bool:
     if not hasattr(torch, "_grouped_mm"):
         return False
@@ -151,7 +156,7 @@ class StackedExperts(nn.Module):
     def forward(self, xs: torch.Tensor, sorted_expert: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """xs (M, D) grouped by expert; sorted_expert (M,) expert id of each row; counts (E,)
         rows per expert -> (M, D)."""
-        dt = torch.get_autocast_dtype(xs.device.type) if torch.is_autocast_enabled(xs.device.type) else xs.dtype
+        dt = compute_dtype(xs)
         xs, w_in, w_out = xs.to(dt), cast_weight(self.w_in, dt), cast_weight(self.w_out, dt)
         offs = torch.cumsum(counts, 0).to(torch.int32)
         h = grouped_matmul(xs, w_in, counts, offs)  # (M, 2H) or (M, H)
@@ -355,7 +360,7 @@ class MoE(nn.Module):
             self.observer(self, topk_idx.view(n, t, -1), topk_w.view(n, t, -1))
 
         k = self.top_k
-        dt = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        dt = compute_dtype(x)
         plan = plan_dispatch(topk_idx, self.num_experts, self.experts.row_bucket(dt, x.device))
         xs = _DispatchRows.apply(flat, plan.row_token, plan.pair_row, k, dt)  # (P, D) grouped by expert
         ys = self.experts(xs, plan.row_expert, plan.counts)

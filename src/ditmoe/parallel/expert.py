@@ -97,11 +97,11 @@ class ExpertParallelExperts(StackedExperts):
         return 0
 
     def forward(self, xs: torch.Tensor, sorted_expert: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """xs (M, D) sorted by global expert id, counts (E,) -> (M, D), as `StackedExperts.forward`."""
+        """xs (M, D) sorted by global expert id, counts (E,) -> (M, D), as `StackedExperts.forward`.
+
+        The MoE layer's dispatch has already cast the rows to the compute dtype, so the exchange
+        moves bf16 under autocast."""
         ep, local, group = self.ep_size, self.num_experts, self.group
-        if torch.is_autocast_enabled(xs.device.type):
-            # The experts compute in the autocast dtype anyway; casting first halves the traffic.
-            xs = xs.to(torch.get_autocast_dtype(xs.device.type))
         send_counts = counts.view(ep, local)  # [r, j]: rows for expert j of rank r
         recv_counts = torch.empty_like(send_counts)  # [s, j]: rows from rank s for my expert j
         dist.all_to_all_single(recv_counts, send_counts.contiguous(), group=group)
