@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from .cpu_allocator import keep_freed_memory
 
-    keep_freed_memory()  # page faults on freshly mapped tensors otherwise cost CPU runs a third of their time
+    keep_freed_memory()  # page faults on freshly mapped tensors otherwise cost CPU runs up to 40% of their time
     try:
         return COMMANDS[args.command][2](args) or 0
     except (ValueError, FileNotFoundError) as e:
