@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ditmoe.models import fused_swiglu
+from ditmoe.models import cpu_kernels, fused_swiglu
 from ditmoe.models import moe as moe_mod
 from ditmoe.models.moe import MoE, balance_loss
 
@@ -126,7 +126,7 @@ def test_bf16_outputs_and_gradients_match_reference(kind, pattern, padded, fused
     and with one expert in every token."""
     if kind == "gelu" and not fused:
         pytest.skip("GELU experts have no fused path")
-    monkeypatch.setattr(fused_swiglu, "ENABLED", fused)
+    monkeypatch.setattr(cpu_kernels, "ENABLED", fused)
     layer = make_layer(kind)
     idx = planted_routing(pattern, 30)
     layer.gate = ForcedGate(idx, 4)
@@ -225,17 +225,17 @@ def test_fused_swiglu_falls_back_to_eager_with_a_warning_when_compilation_fails(
             raise RuntimeError("no C++ compiler")
         return run
 
-    monkeypatch.setattr(fused_swiglu, "_compiled", {})
-    monkeypatch.setattr(fused_swiglu, "_unavailable", False)
+    monkeypatch.setattr(cpu_kernels, "_compiled", {})
+    monkeypatch.setattr(cpu_kernels, "_unavailable", False)
     monkeypatch.setattr(torch, "compile", broken_compile)
     layer = make_layer("swiglu")
     x = torch.randn(2, 10, 16, requires_grad=True)
-    with pytest.warns(RuntimeWarning, match="could not compile the fused SwiGLU") as caught:
+    with pytest.warns(RuntimeWarning, match="could not compile the fused CPU kernels") as caught:
         with torch.autocast("cpu", dtype=torch.bfloat16):
             y = layer(x)
         y.float().sum().backward()  # the backward goes straight to the eager ops
-    assert len([w for w in caught if "fused SwiGLU" in str(w.message)]) == 1
-    monkeypatch.setattr(fused_swiglu, "ENABLED", False)
+    assert len([w for w in caught if "fused CPU kernels" in str(w.message)]) == 1
+    monkeypatch.setattr(cpu_kernels, "ENABLED", False)
     x2 = x.detach().clone().requires_grad_()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y2 = layer(x2)

@@ -7,8 +7,8 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 from ..config import ModelConfig
-from .layers import (Attention, LabelEmbedder, PatchEmbed, TimestepEmbedder, get_2d_sincos_pos_embed,
-                     make_mlp, modulate)
+from .fused_adaln import gated_residual, norm_modulate
+from .layers import Attention, LabelEmbedder, PatchEmbed, TimestepEmbedder, get_2d_sincos_pos_embed, make_mlp
 from .moe import MoE
 
 
@@ -35,14 +35,15 @@ class DiTBlock(nn.Module):
     def forward(self, x: torch.Tensor, c: torch.Tensor):
         """x (N, T, D), c (N, D) -> (x, balance loss or None)."""
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
-        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
-        h = modulate(self.norm2(x), shift_mlp, scale_mlp)
+        x = gated_residual(x, gate_msa, self.attn(norm_modulate(self.norm1, x, shift_msa, scale_msa)))
+        # The MoE router computes in fp32, so its input stays in the residual stream's dtype.
+        h = norm_modulate(self.norm2, x, shift_mlp, scale_mlp, keep_dtype=self.is_moe)
         aux = None
         if self.is_moe:
             h, aux = self.moe(h, return_aux=True)
         else:
             h = self.mlp(h)
-        return x + gate_mlp.unsqueeze(1) * h, aux
+        return gated_residual(x, gate_mlp, h), aux
 
 
 class FinalLayer(nn.Module):
@@ -54,7 +55,7 @@ class FinalLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
-        return self.linear(modulate(self.norm_final(x), shift, scale))
+        return self.linear(norm_modulate(self.norm_final, x, shift, scale))
 
 
 class DiT(nn.Module):

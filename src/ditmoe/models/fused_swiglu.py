@@ -1,30 +1,18 @@
-"""SwiGLU's elementwise work in one pass per direction, for bf16 / fp16 on CPU.
+"""SwiGLU, silu(gate) * up, on a fused [gate | up] projection h (M, 2H), with its own backward.
 
-On CPU the eager bf16 SwiGLU reads and writes the (M, 2H) expert projection several times:
-silu and a product in the forward; silu again, two products and silu's derivative in the
-backward. These passes are memory-bound, each costing about a copy of the tensor, and together
-they were about a seventh of a DiT-MoE-S/2 training step. Kernels that torch.compile (inductor)
-generates from the plain formulas below do each direction in one pass, computing in fp32 and
-rounding once (so they are also a little more exact than the eager ops, which round the silu).
-
-They are compiled on first use, once per process and for any number of rows: about 30 s on a
-fresh 2-core machine, about 5 s once inductor's on-disk cache holds them. Where compilation fails
-(no C++ compiler, say) a warning says so once and the eager ops run instead.
+Autograd on the two strided halves of h saves three tensors and ends with a `cat`; `swiglu`
+saves h only and writes the gradient of both halves into one contiguous (M, 2H) tensor. On CPU
+in bf16 / fp16 each direction is one compiled pass (`cpu_kernels`), computing in fp32 and
+rounding once, so also a little more exact than the eager ops, which round the silu: the eager
+bf16 SwiGLU had been about a seventh of a DiT-MoE-S/2 training step.
 """
 
 from __future__ import annotations
 
-import warnings
-from typing import Callable
-
 import torch
 import torch.nn.functional as F
 
-# Set to False to use the eager ops everywhere (the tests compare the two).
-ENABLED = True
-
-_compiled: dict[str, Callable] = {}
-_unavailable = False  # set after the first compilation failure: the compiler will not work later either
+from . import cpu_kernels
 
 
 def swiglu_forward_math(h: torch.Tensor, hidden: int) -> torch.Tensor:
@@ -43,34 +31,49 @@ def swiglu_backward_math(grad: torch.Tensor, h: torch.Tensor, hidden: int) -> to
     return torch.cat([(g * up * sig * (1 + gate * (1 - sig))).to(h.dtype), (g * gate * sig).to(h.dtype)], dim=-1)
 
 
-def applies(h: torch.Tensor) -> bool:
-    """Whether the compiled kernels serve this tensor: CPU, bf16 / fp16, not inside torch.compile
-    (a compiled model fuses these ops itself)."""
-    return (ENABLED and h.device.type == "cpu" and h.dtype in (torch.bfloat16, torch.float16)
-            and not torch.compiler.is_compiling())
-
-
-def _run(name: str, fn: Callable, *args) -> torch.Tensor | None:
-    """The compiled `fn(*args)`, or None (after one warning) where it cannot be compiled."""
-    global _unavailable
-    if _unavailable:
-        return None
-    if name not in _compiled:
-        _compiled[name] = torch.compile(fn, dynamic=True)
-    try:
-        return _compiled[name](*args)
-    except Exception as e:  # noqa: BLE001 - any compiler failure means: use the eager ops
-        _unavailable = True
-        warnings.warn(f"ditmoe: could not compile the fused SwiGLU kernels ({type(e).__name__}: {e}); "
-                      "using the eager ops, which are correct but slower on CPU", RuntimeWarning, stacklevel=3)
-        return None
-
-
 def forward(h: torch.Tensor, hidden: int) -> torch.Tensor | None:
-    """Fused forward, or None where the caller should run its eager ops."""
-    return _run("forward", swiglu_forward_math, h, hidden)
+    """Compiled forward, or None where the caller should run its eager ops."""
+    return cpu_kernels.run("swiglu_forward", swiglu_forward_math, h, hidden)
 
 
 def backward(grad: torch.Tensor, h: torch.Tensor, hidden: int) -> torch.Tensor | None:
-    """Fused backward, or None where the caller should run its eager ops."""
-    return _run("backward", swiglu_backward_math, grad, h, hidden)
+    """Compiled backward, or None where the caller should run its eager ops."""
+    return cpu_kernels.run("swiglu_backward", swiglu_backward_math, grad, h, hidden)
+
+
+class _SwiGLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, hidden: int) -> torch.Tensor:
+        ctx.save_for_backward(h)
+        ctx.hidden = hidden
+        if cpu_kernels.applies(h, h.dtype):
+            out = forward(h, hidden)
+            if out is not None:
+                return out
+        return F.silu(h[:, :hidden]) * h[:, hidden:]
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (h,) = ctx.saved_tensors
+        hid = ctx.hidden
+        if torch.compiler.is_compiling():  # the compiler rejects strided out= and fuses the cat anyway
+            return swiglu_backward_math(grad, h, hid), None
+        if cpu_kernels.applies(h, h.dtype):
+            dh = backward(grad, h, hid)
+            if dh is not None:
+                return dh, None
+        gate, up = h[:, :hid], h[:, hid:]
+        dh = torch.empty_like(h)
+        # Four passes (silu, two products, silu's fused derivative) instead of eight elementwise
+        # ops: on CPU, where bf16 elementwise work is not free, this was 1.7x faster.
+        torch.mul(grad, F.silu(gate), out=dh[:, hid:])
+        torch.ops.aten.silu_backward.grad_input(grad * up, gate, grad_input=dh[:, :hid])
+        return dh, None
+
+
+def swiglu(h: torch.Tensor, hidden: int) -> torch.Tensor:
+    """silu(h[:, :hidden]) * h[:, hidden:] for h (M, 2 * hidden), differentiable."""
+    return _SwiGLU.apply(h, hidden)
+
+
+__all__ = ["swiglu", "swiglu_forward_math", "swiglu_backward_math"]

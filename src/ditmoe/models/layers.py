@@ -9,6 +9,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import cpu_kernels
+from .cpu_kernels import compute_dtype
+from .fused_swiglu import swiglu
+from .weight_casts import cast_weight
+
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """adaLN modulation; x (N, T, D), shift/scale (N, D)."""
@@ -24,7 +29,9 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size, bias=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(x).flatten(2).transpose(1, 2)
+        # Contiguous, so that the residual stream of every block is: a (T, D)-strided stream
+        # would make each later elementwise op strided and each token-wise product a batched one.
+        return self.proj(x).flatten(2).transpose(1, 2).contiguous()
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -167,6 +174,13 @@ class SwiGLU(nn.Module):
         self.down_proj = nn.Linear(hidden, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dt = compute_dtype(x)
+        if cpu_kernels.applies(x, dt):
+            # One product for [gate | up] (x cast once, not twice) and the one-pass SwiGLU.
+            hidden = self.gate_proj.out_features
+            w = torch.cat([cast_weight(self.gate_proj.weight, dt), cast_weight(self.up_proj.weight, dt)])
+            h = F.linear(x.to(dt), w).reshape(-1, 2 * hidden)
+            return self.down_proj(swiglu(h, hidden).view(*x.shape[:-1], hidden))
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 

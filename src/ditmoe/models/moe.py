@@ -16,7 +16,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import fused_swiglu
+from .cpu_kernels import compute_dtype
+from .fused_swiglu import swiglu
 from .layers import SwiGLU
 from .weight_casts import cast_weight
 
@@ -79,11 +80,6 @@ def balance_loss(probs: torch.Tensor, topk_idx: torch.Tensor, num_experts: int, 
     prob_sum = _SumOverProcesses.apply(probs.sum(dim=0), group)
     f = counts * num_experts / (k * tokens)
     return alpha * (f * prob_sum / tokens).sum()
-
-
-def compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype the expert products run in: autocast's on x's device where it is on, else x's."""
-    return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
 
 
 def _grouped_mm_supported(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -161,7 +157,7 @@ class StackedExperts(nn.Module):
         offs = torch.cumsum(counts, 0).to(torch.int32)
         h = grouped_matmul(xs, w_in, counts, offs)  # (M, 2H) or (M, H)
         if self.kind == "swiglu":
-            a = _SwiGLUFromFused.apply(h, self.hidden)
+            a = swiglu(h, self.hidden)
         else:
             a = F.gelu(h + self.b_in.to(h.dtype).index_select(0, sorted_expert), approximate="tanh")
         out = grouped_matmul(a, w_out, counts, offs)
@@ -223,42 +219,6 @@ def plan_dispatch(topk_idx: torch.Tensor, num_experts: int, bucket: int = 0) -> 
     row_token = torch.zeros(total, dtype=torch.long, device=topk_idx.device).index_copy_(0, pair_row, pair_token)
     row_expert = torch.repeat_interleave(torch.arange(num_experts, device=topk_idx.device), padded, output_size=total)
     return DispatchPlan(row_token, pair_row, None, row_expert, padded)
-
-
-class _SwiGLUFromFused(torch.autograd.Function):
-    """silu(h[:, :H]) * h[:, H:] for the fused [gate | up] projection.
-
-    Autograd on the two strided halves saves three tensors and ends with a `cat`; this saves h
-    only and writes the gradient of both halves straight into one contiguous (M, 2H) buffer.
-    """
-
-    @staticmethod
-    def forward(ctx, h: torch.Tensor, hidden: int) -> torch.Tensor:
-        ctx.save_for_backward(h)
-        ctx.hidden = hidden
-        if fused_swiglu.applies(h):
-            out = fused_swiglu.forward(h, hidden)
-            if out is not None:
-                return out
-        return F.silu(h[:, :hidden]) * h[:, hidden:]
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        (h,) = ctx.saved_tensors
-        hid = ctx.hidden
-        if torch.compiler.is_compiling():  # the compiler rejects strided out= and fuses the cat anyway
-            return fused_swiglu.swiglu_backward_math(grad, h, hid), None
-        if fused_swiglu.applies(h):
-            dh = fused_swiglu.backward(grad, h, hid)
-            if dh is not None:
-                return dh, None
-        gate, up = h[:, :hid], h[:, hid:]
-        dh = torch.empty_like(h)
-        # Four passes (silu, two products, silu's fused derivative) instead of eight elementwise
-        # ops: on CPU, where bf16 elementwise work is not free, this was 1.7x faster.
-        torch.mul(grad, F.silu(gate), out=dh[:, hid:])
-        torch.ops.aten.silu_backward.grad_input(grad * up, gate, grad_input=dh[:, :hid])
-        return dh, None
 
 
 class _DispatchRows(torch.autograd.Function):

@@ -1,0 +1,184 @@
+"""The compiled adaLN kernels (LayerNorm + modulate, gated residual) against float64 formulas,
+and the DiT model with them against the same model on the eager ops."""
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ditmoe.config import ModelConfig
+from ditmoe.models import cpu_kernels
+from ditmoe.models.dit import DiT
+from ditmoe.models.fused_adaln import gated_residual, norm_modulate
+from ditmoe.models.layers import PatchEmbed, SwiGLU, modulate
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def inputs(dtype, strided=False, seed=0):
+    """x (fp32 residual stream), shift, scale, gate (the adaLN outputs, in the product dtype)."""
+    g = torch.Generator().manual_seed(seed)
+    n, t, d = 3, 7, 40  # no multiple of a vector width
+    x = 3 * torch.randn(n, t, d, generator=g) + 1
+    if strided:  # (T, D) stored D-major, as a patch embedding's transpose leaves it
+        x = x.transpose(1, 2).contiguous().transpose(1, 2)
+    shift, scale, gate = (torch.randn(n, d, generator=g).to(dtype) for _ in range(3))
+    return x, shift, scale, gate
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("keep_dtype", [False, True], ids=["out-in-product-dtype", "out-in-fp32"])
+@pytest.mark.parametrize("strided", [False, True], ids=["contiguous-x", "strided-x"])
+def test_norm_modulate_matches_float64(dtype, keep_dtype, strided):
+    x, shift, scale, _ = inputs(dtype, strided)
+    norm = nn.LayerNorm(x.shape[-1], elementwise_affine=False, eps=1e-6)
+    leaves = [x.requires_grad_(), shift.requires_grad_(), scale.requires_grad_()]
+    with torch.autocast("cpu", dtype=dtype):
+        y = norm_modulate(norm, x, shift, scale, keep_dtype=keep_dtype)
+    assert y.dtype == (torch.float32 if keep_dtype else dtype) and y.is_contiguous()
+    grad = torch.randn(y.shape).to(y.dtype)
+    y.backward(grad)
+    got = [leaf.grad for leaf in leaves]
+    assert [g.dtype for g in got] == [torch.float32, dtype, dtype]
+
+    ref_leaves = [leaf.detach().double().requires_grad_() for leaf in leaves]
+    x64, shift64, scale64 = ref_leaves
+    ref = modulate(F.layer_norm(x64, x64.shape[-1:], eps=1e-6), shift64, scale64)
+    ref.backward(grad.double())
+    # Computed in fp32 and rounded once.
+    eps = torch.finfo(y.dtype).eps
+    assert ((y.double() - ref).abs() <= eps * ref.abs() + 1e-5).all()
+    assert rel(got[0], x64.grad) < 1e-5  # dx stays in fp32
+    for g, r in zip(got[1:], ref_leaves[1:]):
+        assert rel(g, r.grad) < torch.finfo(dtype).eps
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("strided", [False, True], ids=["contiguous-x", "strided-x"])
+def test_gated_residual_matches_float64(dtype, strided):
+    x, _, _, gate = inputs(dtype, strided)
+    y = torch.randn(x.shape).to(dtype)
+    leaves = [x.requires_grad_(), gate.requires_grad_(), y.requires_grad_()]
+    out = gated_residual(x, gate, y)
+    assert out.dtype == torch.float32 and out.is_contiguous()
+    grad = torch.randn(out.shape)
+    out.backward(grad)
+    ref_leaves = [leaf.detach().double().requires_grad_() for leaf in leaves]
+    x64, gate64, y64 = ref_leaves
+    ref = x64 + gate64.unsqueeze(1) * y64
+    ref.backward(grad.double())
+    assert rel(out, ref) < 1e-6  # fp32 sum of an exact product; eager rounds the product to bf16 first
+    assert torch.equal(x.grad, grad)
+    for leaf, r in zip(leaves[1:], ref_leaves[1:]):
+        assert leaf.grad.dtype == dtype and rel(leaf.grad, r.grad) < torch.finfo(dtype).eps
+
+
+def test_fp32_takes_the_eager_ops_unchanged(monkeypatch):
+    """Without a half-precision product dtype nothing is compiled and results are bit for bit
+    the eager ones (the official-parity path)."""
+    def no_kernels(*a, **k):
+        raise AssertionError("a compiled kernel was called in fp32")
+
+    monkeypatch.setattr(cpu_kernels, "run", no_kernels)
+    x, shift, scale, gate = inputs(torch.float32)
+    norm = nn.LayerNorm(x.shape[-1], elementwise_affine=False, eps=1e-6)
+    assert torch.equal(norm_modulate(norm, x, shift, scale), modulate(norm(x), shift, scale))
+    assert torch.equal(gated_residual(x, gate, x), x + gate.unsqueeze(1) * x)
+    mlp = SwiGLU(40, 24)
+    assert torch.equal(mlp(x), mlp.down_proj(F.silu(mlp.gate_proj(x)) * mlp.up_proj(x)))
+
+
+def test_swiglu_module_one_projection_matches_float64():
+    """In bf16 on CPU the shared expert runs [gate | up] as one product and the one-pass SwiGLU;
+    outputs and weight gradients against float64."""
+    torch.manual_seed(0)
+    mlp = SwiGLU(40, 24)
+    x = torch.randn(2, 9, 40, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = mlp(x)
+    assert y.dtype == torch.bfloat16
+    grad = torch.randn(y.shape)
+    y.float().backward(grad)
+    ref_mlp = SwiGLU(40, 24).double()
+    ref_mlp.load_state_dict(mlp.state_dict())
+    x64 = x.detach().double().requires_grad_()
+    ref = ref_mlp.down_proj(F.silu(ref_mlp.gate_proj(x64)) * ref_mlp.up_proj(x64))
+    ref.backward(grad.double())
+    assert rel(y, ref) < 1e-2
+    assert rel(x.grad, x64.grad) < 1e-2
+    for (name, p), p64 in zip(mlp.named_parameters(), ref_mlp.parameters()):
+        assert rel(p.grad, p64.grad) < 1e-2, name
+
+
+def test_patch_embedding_gives_a_contiguous_stream():
+    emb = PatchEmbed(2, 4, 32)
+    assert emb(torch.randn(2, 4, 8, 8)).is_contiguous()
+
+
+def small_moe_dit() -> DiT:
+    cfg = ModelConfig(name="t", input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=2, num_heads=4,
+                      num_classes=10, num_experts=4, top_k=2)
+    torch.manual_seed(0)
+    model = DiT(cfg)
+    with torch.no_grad():  # adaLN-Zero starts with zero gates; give them something to carry
+        for p in model.parameters():
+            if (p == 0).all():
+                p.normal_(std=0.05)
+    return model
+
+
+def test_dit_in_bf16_with_the_kernels_is_as_close_to_fp32_as_with_eager_ops(monkeypatch):
+    """The whole model: output and every parameter gradient in bf16 (compiled kernels, then
+    eager ops) against fp32; the kernels may not be further from fp32 than the eager ops."""
+    model = small_moe_dit()
+    g = torch.Generator().manual_seed(1)
+    x, t, y = torch.randn(4, 4, 8, 8, generator=g), torch.rand(4, generator=g), torch.randint(0, 10, (4,), generator=g)
+
+    def run(dtype, fused):
+        monkeypatch.setattr(cpu_kernels, "ENABLED", fused)
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype is not None):
+            out = model(x, t, y)
+        out.float().square().mean().backward()
+        return out.float().detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    ref_out, ref_grads = run(None, False)
+    errors = {}
+    for fused in (True, False):
+        out, grads = run(torch.bfloat16, fused)
+        assert grads.keys() == ref_grads.keys()
+        errors[fused] = [rel(out, ref_out)] + [rel(grads[n], ref_grads[n]) for n in ref_grads]
+    assert max(errors[True]) < 0.05, max(errors[True])
+    # Per quantity, the kernels' error is at most the eager ops' (with a margin for the rounding
+    # noise of the products, which both share).
+    assert sum(errors[True]) <= 1.1 * sum(errors[False])
+
+
+def test_adaln_kernels_fall_back_to_eager_when_compilation_fails(monkeypatch):
+    def broken_compile(fn, **kw):
+        def run(*a):
+            raise RuntimeError("no C++ compiler")
+        return run
+
+    model = small_moe_dit()
+    x, t, y = torch.randn(2, 4, 8, 8), torch.rand(2), torch.randint(0, 10, (2,))
+    monkeypatch.setattr(cpu_kernels, "_compiled", {})
+    monkeypatch.setattr(cpu_kernels, "_unavailable", False)
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    with pytest.warns(RuntimeWarning, match="could not compile the fused CPU kernels") as caught:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(x, t, y)
+        out.float().sum().backward()
+    assert len([w for w in caught if "fused CPU kernels" in str(w.message)]) == 1
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    monkeypatch.setattr(cpu_kernels, "ENABLED", False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out2 = model(x, t, y)
+    out2.float().sum().backward()
+    # The failed call ran the same formulas eagerly; later calls are the plain eager ops.
+    assert rel(out, out2) < 1e-2
+    new = dict(model.named_parameters())
+    assert all(rel(g, new[n].grad) < 2e-2 for n, g in grads.items() if g.norm() > 0)
