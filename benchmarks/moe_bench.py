@@ -27,7 +27,9 @@ forward) to ~1e-5: the comparison is of two implementations of the same function
 
 Writes ``benchmarks/results/<device>.json`` and regenerates this device's section of
 ``docs/performance.md``. ``--quick`` runs tiny shapes once (a smoke test; it writes
-``<device>-quick.json`` and leaves the docs alone unless ``--docs`` is given).
+``<device>-quick.json`` and leaves the docs alone unless ``--docs`` is given). A run of some of
+the benchmarks (``--only``) writes ``<device>-partial.json`` and leaves the docs alone too, so
+it never replaces the record of a whole run.
 
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/moe_bench.py --device cpu
     .venv/bin/python benchmarks/moe_bench.py --device cuda
@@ -979,13 +981,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a.sample_steps = a.sample_steps or (2 if q else (50 if a.device == "cuda" else 4))
     a.mfu_model = a.mfu_model or ("debug" if q else "DiT-MoE-XL/2-8E2A")
     a.mfu_batch = a.mfu_batch or (2 if q else 8)
+    whole = [b for b in BENCHES if b != "mfu" or a.device == "cuda"]
     if a.only:
         a.only = [s.strip() for s in a.only.split(",") if s.strip()]
         bad = [s for s in a.only if s not in BENCHES]
         if bad:
             p.error(f"unknown --only {bad}; choose from {BENCHES}")
     else:
-        a.only = [b for b in BENCHES if b != "mfu" or a.device == "cuda"]
+        a.only = whole
+    a.partial = not set(whole) <= set(a.only)
     return a
 
 
@@ -1021,7 +1025,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results: dict[str, Any] = {}
     runners = {"layer": bench_layer, "train": bench_train, "sample": bench_sample, "memory": bench_memory,
                "compile": bench_compile, "mfu": bench_mfu}
-    out = args.out or (HERE / "results" / f"{dev['slug']}{'-quick' if args.quick else ''}.json")
+    suffix = "-quick" if args.quick else ("-partial" if args.partial else "")
+    out = args.out or (HERE / "results" / f"{dev['slug']}{suffix}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     report = {
         "device": dev, "command": command.strip(), "quick": args.quick, "repeats": args.repeats,
@@ -1041,7 +1046,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     report["complete"] = True
     out.write_text(json.dumps(report, indent=2, default=str) + "\n")
     log(f"wrote {out}")
-    docs = args.docs if args.docs is not None else (None if args.quick else ROOT / "docs" / "performance.md")
+    docs = args.docs if args.docs is not None else (None if args.quick or args.partial else ROOT / "docs" / "performance.md")
     if docs is not None and not args.no_docs:
         update_docs(docs, report)
         log(f"updated {docs}")

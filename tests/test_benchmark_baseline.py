@@ -187,6 +187,15 @@ def test_compile_failure_is_recorded_not_raised(monkeypatch):
     assert "torch.compile failed: `RuntimeError: no compiler here`" in moe_bench.render_section(report)
 
 
+def test_a_run_of_some_benchmarks_does_not_replace_the_whole_record():
+    import moe_bench
+
+    assert not moe_bench.parse_args(["--device", "cpu"]).partial
+    assert not moe_bench.parse_args(["--device", "cpu", "--only", "layer,train,sample,memory,compile"]).partial
+    assert moe_bench.parse_args(["--device", "cpu", "--only", "train"]).partial
+    assert moe_bench.parse_args(["--device", "cuda", "--only", "layer,train,sample,memory,compile"]).partial  # no mfu
+
+
 def test_docs_section_is_replaced_between_markers(tmp_path):
     import moe_bench
 
