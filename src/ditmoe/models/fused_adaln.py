@@ -111,7 +111,9 @@ def norm_modulate(norm: nn.LayerNorm, x: torch.Tensor, shift: torch.Tensor, scal
 
 def gated_residual(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """x + gate.unsqueeze(1) * y: the residual update of an adaLN-Zero block."""
-    if cpu_kernels.applies(x, y.dtype) and x.dtype == torch.promote_types(x.dtype, y.dtype) and x.dim() == 3:
+    # Only where the result has x's dtype, as eager type promotion would give it.
+    same_dtype = x.dtype == torch.promote_types(x.dtype, torch.promote_types(gate.dtype, y.dtype))
+    if cpu_kernels.applies(x, y.dtype) and same_dtype and x.dim() == 3:
         return _GatedResidual.apply(x, gate, y)
     return x + gate.unsqueeze(1) * y
 

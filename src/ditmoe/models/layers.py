@@ -29,9 +29,13 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size, bias=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Contiguous, so that the residual stream of every block is: a (T, D)-strided stream
-        # would make each later elementwise op strided and each token-wise product a batched one.
-        return self.proj(x).flatten(2).transpose(1, 2).contiguous()
+        x = self.proj(x).flatten(2).transpose(1, 2)
+        # Eagerly, a (T, D)-strided residual stream makes every later elementwise op strided and
+        # can turn token-wise products into batched ones, so it is made contiguous. A compiled
+        # graph chooses its own layouts, and with the contiguous stream inductor's CPU training
+        # step of S/2 in bf16 ran at half its speed (`benchmarks/moe_bench.py --only compile`:
+        # 0.53x of eager), so under torch.compile it is left as is.
+        return x if torch.compiler.is_compiling() else x.contiguous()
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
