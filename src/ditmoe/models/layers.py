@@ -155,9 +155,7 @@ class _RecomputedAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        # q, k, v are head-major views of the fused qkv projection: batched products would copy
-        # them on every use (seven copies per layer), so copy each once.
-        q, k, v = (t.contiguous() for t in ctx.saved_tensors)
+        q, k, v = ctx.saved_tensors
         scale = q.shape[-1] ** -0.5
         qs = q * scale
         probs = torch.softmax(torch.matmul(qs, k.transpose(-1, -2)), dim=-1)
