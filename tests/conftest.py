@@ -15,6 +15,22 @@ def fixtures_dir() -> Path:
     return FIXTURES
 
 
+@pytest.fixture
+def compiler_fails(monkeypatch):
+    """torch.compile'd functions raise on their first call (as without a C++ compiler), and the
+    CPU kernels start uncompiled and not yet marked unavailable."""
+    from ditmoe.models import cpu_kernels
+
+    def broken_compile(fn, **kw):
+        def run(*a):
+            raise RuntimeError("no C++ compiler")
+        return run
+
+    monkeypatch.setattr(cpu_kernels, "_compiled", {})
+    monkeypatch.setattr(cpu_kernels, "_unavailable", False)
+    monkeypatch.setattr(torch, "compile", broken_compile)
+
+
 def reference_center_crop(img, size: int):
     """A second, array-slicing statement of the ADM crop (the data code crops with PIL instead):
     BOX halvings while the short side is >= 2 * size, bicubic to short side == size, centre slice."""
