@@ -117,28 +117,35 @@ def test_float64_gradients_pass_gradcheck(pattern):
 
 @pytest.mark.parametrize("kind", ["swiglu", "gelu"])
 @pytest.mark.parametrize("pattern", ["random", "one_expert_gets_all", "some_experts_empty"])
-@pytest.mark.parametrize("padded", [True, False])
+@pytest.mark.parametrize("layout", ["exact", "padded", "equal-groups"])
 @pytest.mark.parametrize("fused", [True, False], ids=["fused-swiglu", "eager-swiglu"])
-def test_bf16_outputs_and_gradients_match_reference(kind, pattern, padded, fused, monkeypatch):
-    """bf16 on CPU pads each expert group to a multiple of 64 rows (cached oneDNN kernels) and
-    runs SwiGLU through compiled one-pass kernels; with and without either, outputs and every
-    gradient equal the float64 per-token reference within bf16 rounding, also with idle experts
-    and with one expert in every token."""
+def test_bf16_outputs_and_gradients_match_reference(kind, pattern, layout, fused, monkeypatch):
+    """bf16 on CPU pads each expert group to a multiple of 64 rows (cached oneDNN kernels), or
+    all groups to one size for batched products, and runs SwiGLU through compiled one-pass
+    kernels; with and without each, outputs and every gradient equal the float64 per-token
+    reference within bf16 rounding, also with idle experts and with one expert in every token."""
     if kind == "gelu" and not fused:
         pytest.skip("GELU experts have no fused path")
     monkeypatch.setattr(cpu_kernels, "ENABLED", fused)
     layer = make_layer(kind)
     idx = planted_routing(pattern, 30)
     layer.gate = ForcedGate(idx, 4)
-    if not padded:
+    if layout == "exact":
         monkeypatch.setattr(moe_mod, "cpu_row_bucket", lambda dtype, device: 0)
-    buckets = []
+    # Equal groups however uneven the routing (idle experts then get whole groups of padding);
+    # or never.
+    monkeypatch.setattr(moe_mod, "EQUAL_GROUPS_MAX_PADDING", 1e9 if layout == "equal-groups" else None)
+    plans = []
     real = moe_mod.plan_dispatch
-    monkeypatch.setattr(moe_mod, "plan_dispatch", lambda idx, e, bucket=0: buckets.append(bucket) or real(idx, e, bucket))
+    monkeypatch.setattr(moe_mod, "plan_dispatch", lambda idx, e, bucket=0: plans.append((bucket, real(idx, e, bucket)))
+                        or plans[-1][1])
     x = torch.randn(3, 10, 16, requires_grad=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = layer(x)
-    assert y.dtype == torch.bfloat16 and buckets == [moe_mod.CPU_ROW_BUCKET if padded else 0]
+    assert y.dtype == torch.bfloat16 and len(plans) == 1
+    bucket, plan = plans[0]
+    assert bucket == (0 if layout == "exact" else moe_mod.CPU_ROW_BUCKET)
+    assert (plan.group_rows > 0) == (layout == "equal-groups")
     g = torch.randn(y.shape)
     y.float().backward(g)
     got = {n: p.grad.clone() for n, p in layer.named_parameters() if p.grad is not None}
@@ -160,6 +167,38 @@ def test_bf16_outputs_and_gradients_match_reference(kind, pattern, padded, fused
             assert got[n].abs().sum() == 0, n
     if pattern == "some_experts_empty":  # padding rows must not leak gradient into idle experts
         assert got["experts.w_in"][[0, 2]].abs().sum() == 0 and got["experts.w_out"][[0, 2]].abs().sum() == 0
+
+
+@pytest.mark.parametrize("loads, equal", [([130, 130, 130, 130, 130, 120], True),  # buckets 5 x 192, 128: +6%
+                                          ([190, 60, 125, 125], False),  # padded 192, 64, 128, 128: +50%
+                                          ([0, 250, 0, 250], False)])  # two idle experts: +100%
+def test_plan_pads_to_equal_groups_only_when_that_adds_few_rows(loads, equal):
+    """Equal groups cost padding rows: taken up to EQUAL_GROUPS_MAX_PADDING (20%) more rows than
+    the 64-row buckets need, not beyond. Either way every (slot, token) pair has one row of its
+    expert, and the other rows are padding."""
+    e, k = len(loads), 2
+    g = torch.Generator().manual_seed(0)
+    pair_expert = torch.repeat_interleave(torch.arange(e), torch.tensor(loads))
+    pair_expert = pair_expert[torch.randperm(pair_expert.numel(), generator=g)]
+    t = pair_expert.numel() // k
+    idx = pair_expert.view(k, t).t()  # slot-major pairs: pair j = slot * T + token
+    plan = moe_mod.plan_dispatch(idx, e, bucket=64)
+    buckets = [-(-n // 64) * 64 for n in loads]
+    if equal:
+        assert plan.group_rows == max(buckets) and plan.counts.tolist() == [max(buckets)] * e
+    else:
+        assert plan.group_rows == 0 and plan.counts.tolist() == buckets
+    rows = int(plan.counts.sum())
+    assert plan.row_token.numel() == plan.row_expert.numel() == rows
+    starts = torch.cumsum(plan.counts, 0) - plan.counts
+    expected_expert = torch.repeat_interleave(torch.arange(e), plan.counts)
+    assert torch.equal(plan.row_expert, expected_expert)
+    assert torch.equal(plan.row_expert[plan.pair_row], pair_expert)  # each pair in its expert's group
+    assert torch.equal(plan.row_token[plan.pair_row], torch.arange(k * t) % t)  # reading its token
+    assert plan.pair_row.unique().numel() == k * t  # one row per pair
+    for ex in range(e):  # real rows first in each group, in pair order (stable)
+        mine = plan.pair_row[pair_expert == ex]
+        assert torch.equal(mine, starts[ex] + torch.arange(loads[ex]))
 
 
 def test_bf16_autocast_matches_fp32_reference():

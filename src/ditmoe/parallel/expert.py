@@ -96,7 +96,8 @@ class ExpertParallelExperts(StackedExperts):
         # exact counts (the CPU kernel-cache padding is for one-process runs).
         return 0
 
-    def forward(self, xs: torch.Tensor, sorted_expert: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    def forward(self, xs: torch.Tensor, sorted_expert: torch.Tensor, counts: torch.Tensor,
+                group_rows: int = 0) -> torch.Tensor:
         """xs (M, D) sorted by global expert id, counts (E,) -> (M, D), as `StackedExperts.forward`.
 
         The MoE layer's dispatch has already cast the rows to the compute dtype, so the exchange
