@@ -14,7 +14,8 @@ the order rotating between rounds; warm-up rounds first; the median of the repea
                   contender it bounds).
 
 Benchmarks (``--only``, comma separated; default all):
-  layer    MoE layer forward + backward at DiT-MoE-S/2 (D=384) and B/2 (D=768), 8 experts top-2;
+  layer    MoE layer forward + backward at DiT-MoE-S/2 (D=384) and B/2 (D=768), 8 experts top-2,
+           256 tokens per image, 8 and 16 images on CPU (``--batch``);
   train    a full training step of DiT-MoE-S/2-8E2A (rectified flow + balance loss, AdamW);
   sample   Euler sampling with classifier-free guidance (the batch doubles through the model);
   memory   peak memory of a training step, each contender in a fresh subprocess;
@@ -366,16 +367,17 @@ def bench_layer(args, device, checks: Checks) -> dict[str, Any]:
     shapes = QUICK_LAYER_SHAPES if args.quick else LAYER_SHAPES
     bf16 = torch.bfloat16
     out: dict[str, Any] = {}
-    for label, d in shapes.items():
-        log(f"[layer] {label}: batch {args.batch} x {args.tokens} tokens, {NUM_EXPERTS} experts top-{TOP_K}, "
+    for (shape, d), batch in ((sd, b) for sd in shapes.items() for b in args.batch):
+        label = shape if len(args.batch) == 1 else f"{shape} x{batch}"
+        log(f"[layer] {shape}: batch {batch} x {args.tokens} tokens, {NUM_EXPERTS} experts top-{TOP_K}, "
             f"expert hidden {4 * d}, shared {2 * d}")
         torch.manual_seed(0)
         pkg = MoE(d, NUM_EXPERTS, TOP_K, 4 * d, 2 * d).to(device)
         off = official_from_package(pkg, args.official_tp)
         bound = DenseBound(d, TOP_K, 4 * d, 2 * d).to(device)
-        x = torch.randn(args.batch, args.tokens, d, device=device)
+        x = torch.randn(batch, args.tokens, d, device=device)
         with exact_fp32():
-            parity = layer_parity(pkg, off, x[: max(1, min(2, args.batch))])
+            parity = layer_parity(pkg, off, x[: max(1, min(2, batch))])
         log_parity(f"layer {label}", parity, checks)
         with torch.no_grad():
             idx, _, _ = pkg.gate(x.reshape(-1, d))
@@ -391,7 +393,7 @@ def bench_layer(args, device, checks: Checks) -> dict[str, Any]:
             "bound bf16": lambda: layer_step(bound, x, grads, device, bf16, False),
         }
         res = run_interleaved(contenders, args.layer_repeats, args.warmup, device)
-        tokens = args.batch * args.tokens
+        tokens = batch * args.tokens
         flops = 3 * 2 * tokens * 3 * d * (TOP_K * 4 * d + 2 * d)  # fwd + bwd GEMMs of the experts
         for name, r in res.items():
             if "median_ms" in r:
@@ -401,7 +403,7 @@ def bench_layer(args, device, checks: Checks) -> dict[str, Any]:
         for prec in ("fp32", "bf16"):
             p, b = median_ms(res, f"package {prec}"), median_ms(res, f"bound {prec}")
             ratios[f"package/bound {prec}"] = p / b if p and b else None
-            checks.add(f"layer {label} fwd+bwd package {prec} / bound {prec}", ratios[f"package/bound {prec}"],
+            checks.add(f"layer {shape} batch {batch} fwd+bwd package {prec} / bound {prec}", ratios[f"package/bound {prec}"],
                        TARGETS["layer_vs_bound"], "<=")
         o, p = median_ms(res, "official fp32"), median_ms(res, "package fp32")
         ratios["official fp32 / package fp32"] = o / p if o and p else None
@@ -411,7 +413,7 @@ def bench_layer(args, device, checks: Checks) -> dict[str, Any]:
         for k, v in ratios.items():
             if v is not None:
                 log(f"    {k}: {v:.2f}x")
-        out[label] = {"dim": d, "batch": args.batch, "tokens": args.tokens, "num_experts": NUM_EXPERTS,
+        out[label] = {"shape": shape, "dim": d, "batch": batch, "tokens": args.tokens, "num_experts": NUM_EXPERTS,
                       "top_k": TOP_K, "expert_hidden": 4 * d, "shared_hidden": 2 * d, "expert_load": load,
                       "gemm_flops": flops, "times": res, "ratios": ratios, "parity": parity}
         del pkg, off, bound, x, g, grads
@@ -830,7 +832,7 @@ def render_section(report: dict[str, Any]) -> str:
         for label, r in res["layer"].items():
             t = r["times"]
             q = r["ratios"]
-            lines.append(f"| {label} | {r['batch']} | {_fmt_ms(t.get('official fp32'))} | {_fmt_ms(t.get('package fp32'))} "
+            lines.append(f"| {r.get('shape', label)} | {r['batch']} | {_fmt_ms(t.get('official fp32'))} | {_fmt_ms(t.get('package fp32'))} "
                          f"| {_fmt_ms(t.get('bound fp32'))} | {_fmt_ms(t.get('package bf16'))} | {_fmt_ms(t.get('bound bf16'))} "
                          f"| {_fmt_x(q.get('package/bound fp32'))} | {_fmt_x(q.get('package/bound bf16'))} "
                          f"| {_fmt_x(q.get('official fp32 / package fp32'))} |")
@@ -941,7 +943,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="timed rounds of the layer benchmark, whose rounds take seconds (default 15; --quick 1)")
     p.add_argument("--warmup", type=int, default=1, help="warm-up rounds (default 1)")
     p.add_argument("--only", default=None, help=f"comma-separated subset of {','.join(BENCHES)}")
-    p.add_argument("--batch", type=int, default=None, help="layer benchmark images (default 8 on cpu, 32 on cuda; --quick 2)")
+    p.add_argument("--batch", default=None,
+                   help="layer benchmark images, comma-separated for several (default 8,16 on cpu: 16 is the training "
+                        "step's batch; 32 on cuda; --quick 2)")
     p.add_argument("--tokens", type=int, default=None, help="tokens per image in the layer benchmark (default 256)")
     p.add_argument("--model", default=None, help="model of train/sample/memory/compile (default DiT-MoE-S/2-8E2A)")
     p.add_argument("--train-batch", type=int, default=None, help="training-step batch (default 16)")
@@ -972,8 +976,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # Timings on a shared machine move by 10-40% from minute to minute; the cheap layer rounds
     # can afford many more of them than the training and sampling rounds.
     a.layer_repeats = a.layer_repeats if a.layer_repeats is not None else (1 if q else 15)
-    # On a GPU a batch of 8 images is launch-bound; 32 is a per-GPU training batch.
-    a.batch = a.batch or (2 if q else (32 if a.device == "cuda" else 8))
+    # On a GPU a batch of 8 images is launch-bound; 32 is a per-GPU training batch. On the CPU
+    # the layer is timed at 8 images and at the training benchmark's 16 (the layer as it runs
+    # in the training step whose speed is a target): per-step costs that do not grow with the
+    # batch, such as casting every expert's weights, weigh twice as much at 8.
+    default_batch = "2" if q else ("32" if a.device == "cuda" else "8,16")
+    try:
+        a.batch = [int(b) for b in str(a.batch or default_batch).split(",") if b.strip()]
+    except ValueError:
+        p.error(f"--batch takes whole numbers separated by commas, e.g. 8 or 8,16; got {a.batch!r}")
+    if not a.batch or min(a.batch) < 1:
+        p.error(f"--batch needs at least one positive number of images; got {a.batch}")
     a.tokens = a.tokens or (16 if q else 256)
     a.model = a.model or ("debug" if q else "DiT-MoE-S/2-8E2A")
     a.train_batch = a.train_batch or (2 if q else 16)

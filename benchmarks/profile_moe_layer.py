@@ -33,7 +33,13 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--rows", type=int, default=25)
     p.add_argument("--shapes", action="store_true", help="group by input shapes")
+    p.add_argument("--default-malloc", action="store_true",
+                   help="leave glibc's malloc as it is (by default freed memory is kept, as in moe_bench.py)")
     a = p.parse_args()
+    if not a.default_malloc:
+        from ditmoe.cpu_allocator import keep_freed_memory
+
+        keep_freed_memory()
 
     from ditmoe.models.moe import MoE
 

@@ -196,6 +196,18 @@ def test_a_run_of_some_benchmarks_does_not_replace_the_whole_record():
     assert moe_bench.parse_args(["--device", "cuda", "--only", "layer,train,sample,memory,compile"]).partial  # no mfu
 
 
+def test_layer_batches_parse_and_bad_ones_are_refused(capsys):
+    import moe_bench
+
+    assert moe_bench.parse_args(["--device", "cpu"]).batch == [8, 16]  # 16: the training step's batch
+    assert moe_bench.parse_args(["--device", "cuda"]).batch == [32]
+    assert moe_bench.parse_args(["--device", "cpu", "--batch", "4,12"]).batch == [4, 12]
+    for bad in ("eight", "0", ","):
+        with pytest.raises(SystemExit):
+            moe_bench.parse_args(["--device", "cpu", "--batch", bad])
+        assert "--batch" in capsys.readouterr().err
+
+
 def test_docs_section_is_replaced_between_markers(tmp_path):
     import moe_bench
 
