@@ -122,11 +122,11 @@ class _EqualGroupsMatmul(torch.autograd.Function):
     """a (E * R, K) viewed as (E, R, K), times b (E, K, N): one `torch.bmm`, returned as (E * R, N).
 
     On CPU oneDNN runs a batched product of E equal groups faster than E separate products
-    over the same rows (1.2 to 1.5x on DiT-MoE-S/2's six expert products, `benchmarks/
-    moe_bench.py --only layer`). The backward is written out to choose the operand layout of
-    the weight gradient a^T @ grad: for the first projection (K = D, N = 2H) reading a
-    contiguous copy of a^T was 1.4x faster than reading the transposed view, copy included;
-    for the second (K = H, N = D) the view is faster.
+    over the same rows (`benchmarks/expert_products.py`: the six expert products of
+    DiT-MoE-S/2 1.06 to 1.47x, of B/2 1.21x). The backward is written out to choose the operand
+    layout of the weight gradient a^T @ grad: for the first projection (K = D, N = 2H) reading
+    a contiguous copy of a^T was 1.15 to 1.6x faster than reading the transposed view, copy
+    included; for the second (K = H, N = D) the view is faster.
     """
 
     @staticmethod
@@ -211,7 +211,7 @@ class StackedExperts(nn.Module):
 CPU_ROW_BUCKET = 64
 # When the padded groups are nearly equal, every group is padded to the largest and the experts
 # run as batched products (`_EqualGroupsMatmul`), as long as that adds at most this fraction of
-# rows: padding rows cost their FLOPs, and the batched products gain 1.2 to 1.5x. None: never.
+# rows: padding rows cost their FLOPs, and the batched products gain 1.1 to 1.5x. None: never.
 EQUAL_GROUPS_MAX_PADDING: float | None = 0.2
 
 

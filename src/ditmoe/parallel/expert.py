@@ -100,8 +100,9 @@ class ExpertParallelExperts(StackedExperts):
                 group_rows: int = 0) -> torch.Tensor:
         """xs (M, D) sorted by global expert id, counts (E,) -> (M, D), as `StackedExperts.forward`.
 
-        The MoE layer's dispatch has already cast the rows to the compute dtype, so the exchange
-        moves bf16 under autocast."""
+        `group_rows` is always 0 here: `row_bucket` asks for no padding. The MoE layer's
+        dispatch has already cast the rows to the compute dtype, so the exchange moves bf16
+        under autocast."""
         ep, local, group = self.ep_size, self.num_experts, self.group
         send_counts = counts.view(ep, local)  # [r, j]: rows for expert j of rank r
         recv_counts = torch.empty_like(send_counts)  # [s, j]: rows from rank s for my expert j
