@@ -8,17 +8,17 @@ with `--rows` rows each: forward x @ w_in, a @ w_out; backward the input gradien
 and w_in^T and the weight gradients a^T @ g, x^T @ g. Each as `torch._grouped_mm` over E groups
 (what `ditmoe.models.moe` runs for unequal groups) and as one `torch.bmm` (what it runs when the
 groups are padded to one size), the weight gradients also with a contiguous copy of the
-transposed activation. Caches are flushed before every call, as in a layer whose tensors do not
-stay in cache between its products. This is where the choices in `_EqualGroupsMatmul` come from.
+transposed activation. Caches are flushed (untimed) before every call, as in a layer whose
+tensors do not stay in cache between its products. This is where the choices in `_EqualGroupsMatmul` come from.
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
+
+from moe_bench import run_interleaved  # the interleaved timing of every benchmark here
 
 
 def main() -> None:
@@ -63,17 +63,12 @@ def main() -> None:
                       lambda: weight_grad(x, g_h, True)),
     }
     variants = ["grouped", "batched", "batched, a^T copied"]
-    calls = {(name, v): fn for name, fns in products.items() for v, fn in zip(variants, fns)}
-    for fn in calls.values():
-        fn()
-    times: dict = {key: [] for key in calls}
-    keys = list(calls)
-    for r in range(a.rounds):
-        for key in keys[r % len(keys):] + keys[:r % len(keys)]:
-            flush.fill_(0.0)
-            t0 = time.perf_counter()
-            calls[key]()
-            times[key].append(time.perf_counter() - t0)
+    calls = {f"{name} | {v}": fn for name, fns in products.items() for v, fn in zip(variants, fns)}
+    res = run_interleaved(calls, a.rounds, warmup=1, device=torch.device("cpu"),
+                          before_each=lambda: flush.fill_(0.0))
+    if any("error" in r for r in res.values()):
+        raise SystemExit(f"some products failed: { {k: r['error'] for k, r in res.items() if 'error' in r} }")
+
     # What `_EqualGroupsMatmul` runs: the copied transpose for x^T @ g_h only.
     package = {name: "batched, a^T copied" if name == "x^T @ g_h" else "batched" for name in products}
     print(f"{e} experts x {m} rows, D={d}, H={h}, {a.dtype}, {torch.get_num_threads()} threads, "
@@ -81,13 +76,14 @@ def main() -> None:
     print(f"{'product':18s}" + "".join(f"{v:>22s}" for v in variants) + f"{'grouped / package':>20s}")
     total_grouped = total_package = 0.0
     for name in products:
-        med = {v: statistics.median(times[(name, v)]) * 1e3 for v in variants if (name, v) in times}
+        med = {v: res[f"{name} | {v}"]["median_ms"] for v in variants if f"{name} | {v}" in res}
         total_grouped += med["grouped"]
         total_package += med[package[name]]
         cells = "".join(f"{med[v]:19.2f} ms" if v in med else f"{'':22s}" for v in variants)
         print(f"{name:18s}{cells}{med['grouped'] / med[package[name]]:19.2f}x")
     print(f"all six: grouped {total_grouped:.2f} ms, as the package runs equal groups {total_package:.2f} ms: "
           f"{total_grouped / total_package:.2f}x")
+
 
 if __name__ == "__main__":
     main()

@@ -132,8 +132,10 @@ def dtype_name(dtype: torch.dtype | None) -> str:
 
 # ------------------------------------------------------------------------------ timing
 def run_interleaved(contenders: dict[str, Callable[[], Any]], repeats: int, warmup: int,
-                    device: torch.device) -> dict[str, dict[str, Any]]:
-    """Warm-up rounds, then `repeats` rounds timing every contender once (rotating order)."""
+                    device: torch.device, before_each: Callable[[], Any] | None = None) -> dict[str, dict[str, Any]]:
+    """Warm-up rounds, then `repeats` rounds timing every contender once (rotating order).
+
+    `before_each`, if given, runs untimed before every call (a cache flush, say)."""
     names = list(contenders)
     errors: dict[str, str] = {}
 
@@ -141,6 +143,8 @@ def run_interleaved(contenders: dict[str, Callable[[], Any]], repeats: int, warm
         if name in errors:
             return None
         try:
+            if before_each is not None:
+                before_each()
             sync(device)
             t0 = time.perf_counter()
             contenders[name]()
