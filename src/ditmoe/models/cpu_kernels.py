@@ -7,8 +7,9 @@ several copies of the tensor. The modules `fused_swiglu` and `fused_adaln` write
 as plain formulas computing in fp32; this module has inductor turn each formula into one loop
 that rounds once, and decides where they apply.
 
-Kernels compile once per process and for any shape (`dynamic=True`): about 30 s on a fresh
-2-core machine, a few seconds once inductor's on-disk cache holds them. Where compilation fails
+Kernels compile once per process and for any shape (`dynamic=True`): for the six of SwiGLU and
+adaLN (forward and backward) 5 to 60 s on a 2-core machine, the low end once inductor's on-disk
+cache holds them. Where compilation fails
 (no C++ compiler, say) a warning says so once and every caller runs its eager ops instead.
 """
 
