@@ -1,0 +1,57 @@
+"""Tolerances of the float comparisons in the tests, derived once from each format's rounding unit.
+
+fp32: a length-K reduction of data of random sign, summed in some order, carries a rounding error
+of about sqrt(K) * u relative to its result (u = EPS32 / 2 the unit roundoff; the per-addition
+errors are independent, Higham & Mary 2019, "A new approach to probabilistic rounding error
+analysis"; blocked or pairwise sums, as vectorised kernels do, are smaller still). Two evaluations
+that sum in different orders (another CPU's kernels, a dense product against grouped expert
+products, the official code against this package) then differ by at most 2 * sqrt(K) * u =
+sqrt(K) * EPS32 per reduction. Through a chain of `chain` reductions joined by well-conditioned
+steps (LayerNorm, softmax, GELU / SiLU, residual adds: condition about 1) the relative errors add,
+at worst linearly: chain * sqrt(K) * EPS32, K the longest reduction. Measured over the whole
+tensor (norm-relative, not element by element, whose small elements have no relative bound) this
+holds with a wide margin on any CPU; any wrong formula, layout or index is off by far more.
+
+bf16 / fp16: one rounding of a value computed in fp32 is within BF16_EPS / FP16_EPS relative; the
+bf16 tests state their own chains of such roundings.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+EPS32 = torch.finfo(torch.float32).eps  # 2^-23 = 2u
+BF16_EPS = torch.finfo(torch.bfloat16).eps  # 2^-7 = 2u
+FP16_EPS = torch.finfo(torch.float16).eps  # 2^-10 = 2u
+
+# The tiny fixture DiTs (tests/fixtures/official: hidden 64, MLP width 256, 16 tokens, head_dim 16,
+# depth 2): per block ten chained reductions (adaLN, LayerNorm, qkv, q.k, softmax, p.v, proj,
+# LayerNorm, MLP in, MLP out), outside the blocks six (patch embedding, the two timestep-MLP
+# products, final adaLN, LayerNorm, linear); the longest reduction is the MLP's 256.
+TINY_DIT_K = 256
+TINY_DIT_CHAIN = 10 * 2 + 6
+# A backward pass mirrors the forward chain (each product's dX and dW are reductions of their own;
+# dW reduces over the 6 * 16 = 96 tokens, shorter than 256).
+TINY_DIT_GRAD_CHAIN = 2 * TINY_DIT_CHAIN
+
+
+def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """Norm-relative error ||actual - expected||_2 / ||expected||_2, computed in float64."""
+    a, e = torch.as_tensor(actual).double(), torch.as_tensor(expected).double()
+    return ((a - e).norm() / e.norm().clamp_min(torch.finfo(torch.float64).tiny)).item()
+
+
+def fp32_tol(reduction_len: int, chain: int = 1) -> float:
+    """chain * sqrt(K) * EPS32: two fp32 evaluations in different summation orders (module docstring)."""
+    return chain * math.sqrt(reduction_len) * EPS32
+
+
+def assert_close_fp32(actual: torch.Tensor, expected: torch.Tensor, reduction_len: int, chain: int = 1,
+                      what: str = "") -> None:
+    """Same shape, and norm-relative error within fp32_tol(reduction_len, chain). `expected` may be
+    another fp32 evaluation or a float64 reference (then the bound holds with a factor 2 to spare)."""
+    assert tuple(actual.shape) == tuple(expected.shape), f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    err, tol = rel_err(actual, expected), fp32_tol(reduction_len, chain)
+    assert err <= tol, f"{what}: norm-relative error {err:.3g} > {tol:.3g} (fp32, K={reduction_len}, chain={chain})"
