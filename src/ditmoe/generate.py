@@ -109,7 +109,9 @@ def generate(model: torch.nn.Module, process: str, labels: torch.Tensor, *, samp
     device = next(model.parameters()).device
     indices = list(range(len(labels))) if indices is None else indices
     shape = (cfg.in_channels, cfg.input_size, cfg.input_size)
-    use_bf16 = precision == "bf16" or (precision == "auto" and (device.type == "cuda" or cfg.hidden_size >= 384))
+    from .precision import resolve_precision
+
+    amp_dtype = resolve_precision(precision, device, cfg)
     batches = range(0, len(labels), batch_size)
     bar = None
     if progress:
@@ -124,7 +126,7 @@ def generate(model: torch.nn.Module, process: str, labels: torch.Tensor, *, samp
             null = torch.full_like(y, cfg.num_classes)
             recorder.set_labels(torch.cat([y, null]) if cfg_scale != 1.0 else y)
         gen = torch.Generator(device=device).manual_seed(seed * 7_368_787 + indices[start])
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+        with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
             x = sample(model, process, sampler, steps, labels=y, cfg_scale=cfg_scale, noise=noise, generator=gen,
                        cfg_channels=cfg_channels, shift=shift, eta=eta,
                        on_step=recorder.on_step if recorder is not None else None)

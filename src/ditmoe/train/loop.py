@@ -99,21 +99,12 @@ def init_distributed(parallel: str) -> DistInfo:
 
 
 def choose_precision(precision: str, device: torch.device, model_cfg: ModelConfig) -> torch.dtype | None:
-    """Autocast dtype, or None for fp32.
+    """Autocast dtype, or None for fp32: `ditmoe.precision.resolve_precision` (for "auto", bf16 on
+    CUDA; on CPU what the machine's bf16 instructions and a cached probe say), every rank of a
+    CPU process group taking rank 0's choice."""
+    from ..precision import resolve_precision
 
-    "auto" picks bf16 on CUDA, and on CPU only for models wide enough that bf16 GEMMs (AMX) beat
-    the per-op casts: at hidden size 128 a CPU training step measured slower under autocast
-    (benchmarks/precision_cpu.py), from 384 (the S models) on it is faster.
-    """
-    if precision == "fp32":
-        return None
-    if precision == "bf16":
-        return torch.bfloat16
-    if precision == "fp16":
-        return torch.float16
-    if device.type == "cuda":
-        return torch.bfloat16
-    return torch.bfloat16 if model_cfg.hidden_size >= 384 else None
+    return resolve_precision(precision, device, model_cfg, sync_ranks=True)
 
 
 def build_optimizer(params: Any, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
