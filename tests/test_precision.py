@@ -235,3 +235,21 @@ def test_trainer_choice_delegates():
     assert choose_precision("auto", torch.device("meta"), S2) is None
     if not cpu_info().native_bf16:
         assert choose_precision("auto", torch.device("cpu"), S2) is None
+
+
+def _sync_worker(rank: int, world: int, cache_root: str) -> None:
+    from pathlib import Path
+
+    # rank 0 would measure bf16 faster, rank 1 slower: the ranks must still agree, on rank 0's choice
+    probe = CountingProbe(100.0, 50.0 if rank == 0 else 300.0)
+    got = resolve_precision("auto", "cpu", S2, sync_ranks=True, cpu=ZEN4, probe=probe, use_probe=True,
+                            cache=Path(cache_root) / f"rank{rank}.json")
+    Path(cache_root, f"result{rank}.txt").write_text(f"{got} {len(probe.shapes)}")
+
+
+def test_ranks_take_rank0_choice(tmp_path):
+    from ditmoe.parallel.launch import spawn_local
+
+    spawn_local(_sync_worker, 2, str(tmp_path))
+    assert (tmp_path / "result0.txt").read_text() == "torch.bfloat16 1"
+    assert (tmp_path / "result1.txt").read_text() == "torch.bfloat16 0"  # rank 1 never probed
