@@ -7,6 +7,12 @@ import torch.nn.functional as F
 from ditmoe.models import cpu_kernels, fused_swiglu
 from ditmoe.models import moe as moe_mod
 from ditmoe.models.moe import MoE, balance_loss
+from tolerances import EPS32, assert_close_fp32
+
+# make_layer's MoE in fp32 against the float64 reference: the longest reduction is the shared
+# expert's 32 (dim 16, expert width 24); the forward chains three (expert in, expert out, the
+# weighted sum of slots and shared expert), a backward twice that (tolerances.py).
+MOE_K, MOE_CHAIN = 32, 3
 
 
 def reference_moe(layer: MoE, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -80,7 +86,7 @@ def test_dispatch_matches_reference(kind, pattern, use_grouped_mm, monkeypatch):
         monkeypatch.setattr(moe_mod, "_grouped_mm_supported", lambda a, b: False)
     y = layer(x)
     ref = reference_moe(layer, x, idx, w)
-    torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5)
+    assert_close_fp32(y, ref, MOE_K, MOE_CHAIN)
 
 
 @pytest.mark.parametrize("use_grouped_mm", [True, False])
@@ -99,9 +105,10 @@ def test_gradients_match_reference(use_grouped_mm, monkeypatch):
     idx, w, _ = layer.gate(x2.reshape(-1, 16))
     ref = reference_moe(layer, x2, idx, w)
     ref.backward(g.double())
+    # The reference's gradients are float64 sums rounded once to the fp32 parameters' dtype.
     for n, p in layer.named_parameters():
-        torch.testing.assert_close(got[n], p.grad, rtol=1e-4, atol=1e-5, msg=n)
-    torch.testing.assert_close(got_x, x2.grad, rtol=1e-4, atol=1e-5)
+        assert_close_fp32(got[n], p.grad, MOE_K, 2 * MOE_CHAIN, n)
+    assert_close_fp32(got_x, x2.grad, MOE_K, 2 * MOE_CHAIN, "x")
 
 
 @pytest.mark.parametrize("pattern", ["random", "one_expert_gets_all", "some_experts_empty"])
@@ -219,11 +226,14 @@ def test_balance_loss_matches_eq5_by_hand():
     e, k, t = 3, 2, 4
     f = torch.tensor([3.0, 3.0, 2.0]) * e / (k * t)
     p = probs.mean(0)
-    assert torch.allclose(balance_loss(probs, idx, e, 0.01), 0.01 * (f * p).sum())
+    # Both sides: positive terms, a mean over 4 tokens, 3 products and a 3-term sum in fp32, each
+    # within ~8 roundings of u = EPS32 / 2 of the exact value; a miscounted f_i is off by >= 1/8.
+    rtol = 8 * EPS32
+    assert torch.allclose(balance_loss(probs, idx, e, 0.01), 0.01 * (f * p).sum(), rtol=rtol, atol=0)
     # Perfect balance gives alpha exactly (f_i = 1, P_i = 1/E).
     uniform = torch.full((6, 3), 1 / 3)
     idx_bal = torch.tensor([[0, 1], [1, 2], [2, 0], [0, 1], [1, 2], [2, 0]])
-    assert torch.allclose(balance_loss(uniform, idx_bal, 3, 0.5), torch.tensor(0.5))
+    assert torch.allclose(balance_loss(uniform, idx_bal, 3, 0.5), torch.tensor(0.5), rtol=rtol, atol=0)
 
 
 def test_alpha_zero_works_and_gives_zero_loss():
@@ -236,7 +246,9 @@ def test_alpha_zero_works_and_gives_zero_loss():
 def test_renormalised_topk_weights_sum_to_one():
     layer = MoE(16, 8, 3, 24, 0, norm_topk=True)
     idx, w, probs = layer.gate(torch.randn(40, 16))
-    assert torch.allclose(w.sum(-1), torch.ones(40))
+    # Positive fp32 terms: the normalising sum, three quotients and their sum, one rounding of
+    # u = EPS32 / 2 each, at most 6u = 3 * EPS32 from 1.
+    assert torch.allclose(w.sum(-1), torch.ones(40), rtol=3 * EPS32, atol=0)
     assert torch.equal(idx.sort(-1).values, probs.topk(3).indices.sort(-1).values)
 
 
@@ -271,5 +283,6 @@ def test_fused_swiglu_falls_back_to_eager_with_a_warning_when_compilation_fails(
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y2 = layer(x2)
     y2.float().sum().backward()
+    # The failed compile ran the same eager ops in the same order: bit for bit.
     torch.testing.assert_close(y, y2, rtol=0, atol=0)
     torch.testing.assert_close(x.grad, x2.grad, rtol=0, atol=0)
