@@ -44,7 +44,6 @@ import ctypes
 import gc
 import json
 import os
-import platform
 import re
 import resource
 import shlex
@@ -85,34 +84,31 @@ def _slug(s: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", s.lower()).strip("-")
 
 
-def cpu_model_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def cpu_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
-
-
 def describe_device(device: torch.device) -> dict[str, Any]:
+    """The device, and under "cpu" this machine's CPU (`ditmoe.hardware.cpu_info`: model name, the
+    flags that decide bf16 speed, usable cores, torch version), for CUDA runs too (the host)."""
+    from ditmoe.hardware import cpu_info
+
+    cpu = cpu_info()
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         return {"type": "cuda", "name": name, "slug": "cuda-" + _slug(name),
                 "description": f"{name}, torch {torch.__version__}, CUDA {torch.version.cuda}",
-                "torch": torch.__version__}
-    name, cores = cpu_model_name(), cpu_cores()
+                "torch": torch.__version__, "cpu": cpu.as_dict()}
+    name, cores = cpu.model_name, cpu.cores
     return {"type": "cpu", "name": name, "cores": cores, "threads": torch.get_num_threads(),
             "slug": f"cpu-{_slug(name)}-{cores}c",
-            "description": f"{name}, {cores} cores ({torch.get_num_threads()} torch threads), torch {torch.__version__}",
-            "torch": torch.__version__}
+            "description": f"{name} ({cpu.flag_string()}), {cores} cores ({torch.get_num_threads()} torch threads), "
+                           f"torch {torch.__version__}",
+            "torch": torch.__version__, "cpu": cpu.as_dict()}
+
+
+def describe_precision(device: torch.device, model: str) -> dict[str, Any]:
+    """What ``--precision auto`` picks for `model` on this device and why (`ditmoe.precision`)."""
+    from ditmoe.precision import decide
+    from ditmoe.registry import get_config
+
+    return {"model": model, **decide("auto", device, get_config(model)).as_dict()}
 
 
 def sync(device: torch.device) -> None:
@@ -1051,6 +1047,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
                      if not k.startswith("_")},
         "targets": TARGETS, "results": results, "checks": checks.items, "complete": False,
+        "precision_auto": describe_precision(device, args.model),
     }
     t_start = time.perf_counter()
     for name in args.only:

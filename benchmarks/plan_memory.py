@@ -83,8 +83,10 @@ def main() -> None:
         }
         results.append(row)
         print(json.dumps(row))
+    from ditmoe.hardware import cpu_info
+
     print(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "model": cfg.name,
-                      "depth": cfg.depth}))
+                      "depth": cfg.depth, "cpu": cpu_info().as_dict()}))
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """fp32 against bf16 autocast for one training step, by model width, on this machine.
 
-`ditmoe.train.loop.choose_precision("auto")` picks fp32 on CPU below hidden size 384 because of
-what this script measures: for small models the per-op casts of autocast cost more than AMX's
-faster bf16 products save.
+Whole training steps of small DiT-MoE models, for a closer look than the short probe with which
+`--precision auto` decides on a CPU with bf16 instructions (`python -m ditmoe.precision`): for
+small models the per-op casts of autocast can cost more than faster bf16 products save.
 
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/precision_cpu.py [--batch 128] [--repeats 5]
 
@@ -46,7 +46,11 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--repeats", type=int, default=5)
     args = p.parse_args()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}")
+    from ditmoe.hardware import cpu_info
+
+    cpu = cpu_info()
+    print(f"{cpu.model_name} (flags {cpu.flag_string()}, {cpu.cores} cores), torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, batch {args.batch}")
     for d, (heads, depth, side) in WIDTHS.items():
         torch.manual_seed(0)
         model = create_model("DiT-MoE-mnist", hidden_size=d, num_heads=heads, depth=depth, expert_hidden=2 * d,

@@ -253,3 +253,18 @@ def test_ranks_take_rank0_choice(tmp_path):
     spawn_local(_sync_worker, 2, str(tmp_path))
     assert (tmp_path / "result0.txt").read_text() == "torch.bfloat16 1"
     assert (tmp_path / "result1.txt").read_text() == "torch.bfloat16 0"  # rank 1 never probed
+
+
+def test_benchmark_results_record_the_cpu(monkeypatch):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import moe_bench
+
+    dev = moe_bench.describe_device(torch.device("cpu"))
+    assert dev["cpu"] == json.loads(json.dumps(cpu_info().as_dict()))
+    assert dev["name"] == cpu_info().model_name and cpu_info().flag_string() in dev["description"]
+    monkeypatch.setenv("DITMOE_PRECISION_PROBE", "0")  # no timing, no cache written
+    auto = moe_bench.describe_precision(torch.device("cpu"), "DiT-MoE-mnist")
+    assert auto["model"] == "DiT-MoE-mnist" and auto["dtype"] in ("fp32", "bf16") and auto["reason"]
