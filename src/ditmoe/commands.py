@@ -71,31 +71,75 @@ def add_dataclass_flags(p: argparse.ArgumentParser, cls: type, prefix: str = "",
 
 
 def load_config_file(path: str) -> dict[str, Any]:
-    """YAML or TOML with TrainConfig keys and an optional `model_overrides` mapping."""
+    """YAML or TOML with TrainConfig keys and an optional `model_overrides` mapping.
+
+    A file that does not parse, or is not a mapping, raises ValueError naming the file and where
+    the parser stopped.
+    """
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"config file {p} does not exist")
-    text = p.read_text()
+    if not p.is_file():
+        raise ValueError(f"config file {p} is a folder; give a YAML or TOML file")
+    try:
+        text = p.read_text()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"config file {p} is not a text file ({e.reason} at byte {e.start}); give a YAML or TOML file") from e
     if p.suffix == ".toml":
         import tomllib
 
-        data = tomllib.loads(text)
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:
+            raise ValueError(f"config file {p} is not valid TOML: {e}") from e
     else:
         import yaml
 
-        data = yaml.safe_load(text) or {}
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            where = ""
+            mark = getattr(e, "problem_mark", None)
+            if mark is not None:
+                where = f" at line {mark.line + 1}, column {mark.column + 1}"
+            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise ValueError(f"config file {p} is not valid YAML{where}: {problem}. Write one `option: value` "
+                             "per line (e.g. `steps: 3000`)") from e
+        data = {} if data is None else data
     if not isinstance(data, dict):
-        raise ValueError(f"config file {p} must hold a mapping of option: value")
+        raise ValueError(f"config file {p} must hold a mapping of option: value (e.g. `steps: 3000`), "
+                         f"not a {type(data).__name__}")
     return data
 
 
 def train_config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, dict[str, Any]]:
+    """TrainConfig and model overrides from a config file (if any) and flags; flags win.
+
+    Every config-file value is checked against the option's type here, so a wrong one is reported
+    with the file, the key and the value.
+    """
+    from .config import check_field_types
+
     values: dict[str, Any] = {}
     model_overrides: dict[str, Any] = {}
     if getattr(args, "config", None):
         data = load_config_file(args.config)
-        model_overrides.update(data.pop("model_overrides", {}) or {})
-        values.update(data)
+        file_overrides = data.pop("model_overrides", {}) or {}
+        if not isinstance(file_overrides, dict):
+            raise ValueError(f"config file {args.config}: model_overrides must be a mapping of model option: value "
+                             f"(e.g. `model_overrides: {{num_experts: 8}}`), got {file_overrides!r}")
+        known_model = {f.name for f in dataclasses.fields(ModelConfig)} - _MODEL_FLAG_SKIP
+        unknown_model = set(file_overrides) - known_model
+        if unknown_model:
+            raise ValueError(f"config file {args.config}: unknown model_overrides key(s) {sorted(unknown_model)}; "
+                             f"known: {sorted(known_model)}")
+        known = {f.name for f in dataclasses.fields(TrainConfig)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"config file {args.config}: unknown training option(s) {sorted(unknown)}; "
+                             "see `ditmoe train --help` (model options go under model_overrides)")
+        model_overrides.update(check_field_types(ModelConfig, file_overrides, f"config file {args.config}: model_overrides"))
+        values.update(check_field_types(TrainConfig, data, f"config file {args.config}"))
     for f in dataclasses.fields(TrainConfig):
         if hasattr(args, f.name):
             values[f.name] = getattr(args, f.name)

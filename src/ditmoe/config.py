@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -96,6 +98,8 @@ class ModelConfig:
     # --------------------------------------------------------------- validation
     def validate(self) -> "ModelConfig":
         """Raise ValueError naming the offending setting; return self for chaining."""
+        for key, value in check_field_types(type(self), dataclasses.asdict(self), "invalid model config").items():
+            setattr(self, key, value)  # e.g. lr "1e-4" (a string in YAML 1.1) becomes 1e-4
         problems = []
         if self.hidden_size % self.num_heads:
             problems.append(
@@ -165,7 +169,60 @@ def config_field_names(cls: type) -> list[str]:
     return [f.name for f in dataclasses.fields(cls)]
 
 
-__all__ = ["ModelConfig", "EXPERT_TYPES", "ATTN_LAYOUTS", "MOE_PLACEMENTS", "config_field_names", "field"]
+__all__ = ["ModelConfig", "EXPERT_TYPES", "ATTN_LAYOUTS", "MOE_PLACEMENTS", "config_field_names", "check_field_types", "field"]
+
+_TYPE_WORDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+
+def check_field_types(cls: type, values: dict[str, Any], where: str) -> dict[str, Any]:
+    """`values` with each known field's value checked against the dataclass's annotation.
+
+    Raises ValueError naming the key, the value and the expected type. Lenient only where the
+    meaning is unambiguous: an integral float for an int, a numeric string for a float (YAML 1.1
+    reads `1e-4` as a string), a number for a string field.
+    """
+    from typing import get_type_hints
+
+    hints = get_type_hints(cls)
+    out = dict(values)
+    for key, value in values.items():
+        if key not in hints:
+            continue
+        hint = hints[key]
+        optional = "None" in str(hint)  # "int | None"
+        base = hint if hint in (bool, int, float, str) else next(
+            (t for t in (int, float, str) if optional and str(hint).startswith(t.__name__)), None)
+        if base is None or (optional and value is None):
+            continue
+        number = isinstance(value, numbers.Real) and not isinstance(value, bool)  # numpy scalars too
+        ok = True
+        if base is bool:
+            ok = isinstance(value, bool)
+        elif base is int:
+            if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+                out[key] = int(value)
+            elif number and math.isfinite(value) and float(value).is_integer():
+                out[key] = int(value)
+            else:
+                ok = False
+        elif base is float:
+            if isinstance(value, str):
+                try:
+                    out[key] = float(value)
+                except ValueError:
+                    ok = False
+            else:
+                ok = number
+        elif base is str:
+            if number:
+                out[key] = str(value)
+            else:
+                ok = isinstance(value, str)
+        if not ok:
+            expected = _TYPE_WORDS[base] + (" or null" if optional else "")
+            raise ValueError(f"{where}: {key} = {value!r} ({type(value).__name__}) is not valid; "
+                             f"{key} must be {expected}")
+    return out
 
 
 PROCESSES = ("flow", "ddpm")
@@ -203,10 +260,11 @@ class TrainConfig:
     seed: int = 0
     num_workers: int = 0  # data-loader worker processes (image folders benefit; in-memory MNIST does not)
     flip: bool = True  # random horizontal flips (image folders and latent caches; never for digits)
-    log_every: int = 50  # steps between log lines / CSV rows
-    ckpt_every: int = 1000  # steps between checkpoints (one is always written at the end)
+    log_every: int = 50  # steps between log lines / CSV rows; 0 = one row, at the end
+    ckpt_every: int = 1000  # steps between checkpoints; 0 = only the one always written at the end
     keep_last: int = 2  # checkpoints kept on disk
-    resume: str = ""  # "" (fresh), "auto" (latest in out/checkpoints) or a checkpoint path
+    resume: str = ""  # "" (fresh; refused if out holds a run), "auto" (latest in out/checkpoints; a fresh start, said so, when there is none) or a checkpoint path
+    overwrite: bool = False  # start afresh in an out folder that holds a run, deleting that run's checkpoints, logs and weights (other files stay)
     logger: str = "csv"  # "csv" or "tensorboard" (needs the tensorboard package)
     # rectified flow
     time_dist: str = "logit_normal"
@@ -218,6 +276,9 @@ class TrainConfig:
     progress: bool = True  # progress bar on the terminal
 
     def validate(self) -> "TrainConfig":
+        """Raise ValueError naming every bad setting and its allowed range; return self for chaining."""
+        for key, value in check_field_types(type(self), dataclasses.asdict(self), "invalid training config").items():
+            setattr(self, key, value)  # e.g. lr "1e-4" (a string in YAML 1.1) becomes 1e-4
         problems = []
         if self.process not in PROCESSES:
             problems.append(f"process {self.process!r} is not one of {PROCESSES}")
@@ -233,16 +294,48 @@ class TrainConfig:
             problems.append(f"balance_scope {self.balance_scope!r} is not 'local' or 'global'")
         if self.ep_size < 0:
             problems.append(f"ep_size must be >= 0 (0 = the whole world), got {self.ep_size}")
-        if self.steps <= 0 or self.global_batch <= 0 or self.micro_batch < 0:
-            problems.append("steps and global_batch must be positive and micro_batch >= 0")
-        if self.lr <= 0:
-            problems.append(f"lr must be positive, got {self.lr}")
+        if not self.out.strip():
+            problems.append("out must name an output folder, got an empty string")
+        if not self.data.strip():
+            problems.append("data must name a dataset (mnist, digits), an image folder or a latent cache")
+        for name, low in (("steps", 1), ("global_batch", 1), ("micro_batch", 0), ("warmup_steps", 0),
+                          ("num_workers", 0), ("log_every", 0), ("ckpt_every", 0), ("keep_last", 1),
+                          ("diffusion_steps", 1)):
+            if getattr(self, name) < low:
+                problems.append(f"{name} must be >= {low}, got {getattr(self, name)}")
+        if self.steps > 10**9:
+            problems.append(f"steps {self.steps} is more than 10^9 optimizer steps; check the value")
+        if self.global_batch > 2**24:
+            problems.append(f"global_batch {self.global_batch} is more than 2^24 images per step; check the value")
+        if self.micro_batch > self.global_batch:
+            problems.append(f"micro_batch {self.micro_batch} is larger than global_batch {self.global_batch}")
+        if not 0 <= self.seed < 2**32:
+            problems.append(f"seed must be in [0, 2^32), got {self.seed}")
+        for name in ("lr", "weight_decay", "grad_clip", "ema_decay", "adam_beta1", "adam_beta2", "time_mean", "time_std"):
+            if not math.isfinite(getattr(self, name)):
+                problems.append(f"{name} must be a finite number, got {getattr(self, name)}")
+        if math.isfinite(self.lr) and not 0 < self.lr <= 1:
+            problems.append(f"lr must be in (0, 1] (AdamW; DiT uses 1e-4), got {self.lr}")
+        if self.weight_decay < 0:
+            problems.append(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if self.grad_clip < 0:
+            problems.append(f"grad_clip must be >= 0 (0 disables clipping), got {self.grad_clip}")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                problems.append(f"{name} must be in [0, 1), got {getattr(self, name)}")
         if not 0.0 <= self.ema_decay < 1.0:
             problems.append(f"ema_decay must be in [0, 1), got {self.ema_decay}")
-        if self.keep_last < 1:
-            problems.append("keep_last must be >= 1")
+        if self.time_std <= 0:
+            problems.append(f"time_std must be positive, got {self.time_std}")
+        if self.time_dist not in ("logit_normal", "uniform"):
+            problems.append(f"time_dist {self.time_dist!r} is not 'logit_normal' or 'uniform'")
+        if self.noise_schedule not in ("linear", "cosine"):
+            problems.append(f"noise_schedule {self.noise_schedule!r} is not 'linear' or 'cosine'")
         if self.logger not in ("csv", "tensorboard"):
             problems.append(f"logger {self.logger!r} is not 'csv' or 'tensorboard'")
+        if self.overwrite and self.resume == "auto":
+            problems.append("overwrite and resume 'auto' contradict each other: --resume auto continues the run "
+                            "in --out, --overwrite true deletes it; give one of them")
         if problems:
             raise ValueError("invalid training config: " + "; ".join(problems))
         return self
