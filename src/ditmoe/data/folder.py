@@ -170,11 +170,14 @@ class ImageFolderDataset(Dataset):
             )
         if small and not allow_upscale:
             p, (w, h) = small[0]
+            smallest = min(min(size) for _, size in small)
             raise ValueError(
                 f"{len(small)} of {len(self.samples)} images under '{self.root}' are smaller than the model "
-                f"input {image_size}x{image_size} (short side < {image_size}), e.g. '{p}' is {w}x{h}. "
-                "Pass allow_upscale=True to upscale them (bicubic), remove them, or train at a smaller "
-                "image size."
+                f"input {image_size}x{image_size} (short side < {image_size}), e.g. '{p}' is {w}x{h}; the "
+                f"smallest short side is {smallest}. Train at a size of at most {smallest} (ditmoe train: "
+                f"--model-input-size N, a multiple of the patch size; ditmoe extract-latents: --image-size N), "
+                "remove the small images, or upscale them (bicubic) with allow_upscale=True in the Python API "
+                "(ImageFolderDataset, build_dataset, extract_latents)."
             )
         if small:
             log.info("%d image(s) under %s will be upscaled to %d", len(small), self.root, image_size)

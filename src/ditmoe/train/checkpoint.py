@@ -80,21 +80,47 @@ def save_checkpoint(out: str | Path, step: int, state: dict[str, Any], keep_last
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A training checkpoint written by `save_checkpoint`; ValueError for anything else.
+
+    Weights-only files (model_ema.safetensors, exported models) cannot resume training: they lack
+    the optimizer, step and RNG state, and the message names what to give instead.
+    """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder, not a checkpoint; give RUN/checkpoints/step_N.pt, or --resume auto "
+                         "with --out RUN to continue from the newest checkpoint of RUN")
+    if path.suffix == ".safetensors":
+        raise ValueError(_not_a_training_checkpoint(path, "it is a weights file (safetensors)"))
     try:
-        return torch.load(str(path), map_location="cpu", weights_only=True)
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:
         raise ValueError(f"checkpoint {path} could not be read ({type(e).__name__}: {e}); it may be truncated. "
                          f"Older checkpoints in {path.parent} are still usable.") from e
+    missing = [k for k in ("step", "model", "optimizer", "model_config", "train_config") if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise ValueError(_not_a_training_checkpoint(path, f"it lacks {', '.join(missing)}"))
+    return state
+
+
+def _not_a_training_checkpoint(path: Path, why: str) -> str:
+    return (f"{path} is not a training checkpoint of `ditmoe train` ({why}): resuming needs the optimizer, step "
+            "and RNG state, which only RUN/checkpoints/step_N.pt holds. Give that file, or --resume auto with --out RUN")
 
 
 def resolve_resume(resume: str, out: str | Path) -> Path | None:
-    """'' -> None; 'auto' -> newest checkpoint in out (or None); a path -> that path."""
+    """'' -> None; 'auto' -> newest checkpoint in out (or None); a path -> that path, which must exist."""
     if not resume:
         return None
     if resume == "auto":
         found = list_checkpoints(out)
         return found[-1] if found else None
-    return Path(resume)
+    path = Path(resume)
+    if not path.exists():
+        found = list_checkpoints(out)
+        hint = (f"checkpoints in {checkpoint_dir(out)}: {', '.join(p.name for p in found[-3:])}" if found
+                else f"{checkpoint_dir(out)} holds no checkpoint")
+        raise FileNotFoundError(f"--resume {resume}: no such file ({hint}); give RUN/checkpoints/step_N.pt or "
+                                "--resume auto")
+    return path

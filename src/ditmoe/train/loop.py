@@ -27,6 +27,7 @@ from ..registry import create_model, get_config
 from .checkpoint import list_checkpoints, load_checkpoint, resolve_resume, rng_state, save_checkpoint, set_rng_state
 from .ema import EMA
 from .progress import ExpertLoadTracker, Progress, RunLogger
+from .rundir import RunLock, check_fresh_run, clean_temp_files, clear_run, prepare_out_dir
 
 
 # ----------------------------------------------------------------------------- data order
@@ -77,8 +78,32 @@ class DistInfo:
         return self.rank == 0
 
 
+def check_launch(parallel: str) -> None:
+    """ValueError, with the torchrun command, where a parallel layout is asked for outside torchrun.
+
+    Every layout but "none" joins a torch.distributed world whose rank, size and rendezvous
+    torchrun passes in the environment (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT).
+    """
+    world_text = os.environ.get("WORLD_SIZE", "1")
+    try:
+        world = int(world_text)
+    except ValueError:
+        raise ValueError(f"WORLD_SIZE={world_text!r} in the environment is not an integer; unset it or launch "
+                         "with torchrun, which sets it") from None
+    if parallel == "none" and world > 1 and "RANK" not in os.environ:
+        raise ValueError(f"WORLD_SIZE={world} is set in the environment but RANK is not: launch with torchrun "
+                         "(it sets both), or unset WORLD_SIZE to train in one process")
+    if parallel != "none" and "RANK" not in os.environ:
+        raise ValueError(
+            f"--parallel {parallel} runs one process per device under torchrun, which sets RANK and WORLD_SIZE "
+            f"(RANK is not set here). Launch e.g. `torchrun --standalone --nproc_per_node 2 -m ditmoe train --parallel "
+            f"{parallel} ...` (--nproc_per_node 1 runs the layout in one process), or train in one process "
+            "with --parallel none")
+
+
 def init_distributed(parallel: str) -> DistInfo:
     """Join the torchrun world (if any). Ranks come from RANK / WORLD_SIZE, never LOCAL_RANK."""
+    check_launch(parallel)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if parallel == "none" and world > 1:
         parallel = "ddp"
@@ -149,6 +174,13 @@ def resolve_model_config(cfg: TrainConfig, model_overrides: dict[str, Any], data
     return model_cfg
 
 
+def _short_error(e: BaseException) -> str:
+    """First line of an exception's message; torch's RuntimeErrors carry a C++ trace after it."""
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:300]}"
+
+
 def describe_config_difference(a: dict[str, Any], b: dict[str, Any]) -> str:
     keys = sorted(set(a) | set(b))
     diffs = [f"{k}: checkpoint {a.get(k)!r} vs now {b.get(k)!r}" for k in keys if a.get(k) != b.get(k)]
@@ -163,6 +195,20 @@ class Trainer:
         self.cfg = cfg.validate()
         self.dist = init_distributed(cfg.parallel)
         self.out = Path(cfg.out)
+        self.lock: RunLock | None = None
+        try:
+            self._set_up(model_overrides)
+        except BaseException:
+            self.release()
+            raise
+
+    def _set_up(self, model_overrides: dict[str, Any] | None) -> None:
+        cfg = self.cfg
+        # The output folder and the checkpoint to resume from are checked before data and model
+        # are built: a bad --out or --resume fails in a second, not after minutes of loading.
+        self._claim_out_dir()
+        resume_state = self._read_resume_state()
+        check_fresh_run(self.out, cfg.resume, cfg.overwrite)
         from ..data import build_dataset
 
         # Image folders are resized to the model's input; read it from the registry before the
@@ -171,11 +217,13 @@ class Trainer:
         size = overrides.get("input_size", get_config(cfg.model).input_size)
         self.dataset, self.data_info = build_dataset(cfg.data, image_size=size, flip=cfg.flip)
         self.model_cfg = resolve_model_config(cfg, overrides, self.data_info)
+        if resume_state is not None:
+            self._check_resume_model(resume_state)
         self.process = build_process(cfg, self.model_cfg)
 
         world = self.dist.world
         micro = cfg.micro_batch or cfg.global_batch // world
-        if cfg.global_batch % (world * micro):
+        if micro == 0 or cfg.global_batch % (world * micro):
             raise ValueError(f"global_batch {cfg.global_batch} is not divisible by {world} processes x micro_batch {micro}")
         self.micro_batch = micro
         self.accum = cfg.global_batch // (world * micro)
@@ -188,7 +236,6 @@ class Trainer:
         self.step = 0
         # Per-rank noise stream, checkpointed with the rest of the RNG state.
         self.noise_gen = torch.Generator(self.dist.device).manual_seed(cfg.seed * 7919 + self.dist.rank + 1)
-        resume_state = self._read_resume_state()
         from ..parallel.deepspeed_engine import DEEPSPEED_MODES
 
         self.deepspeed = None
@@ -207,6 +254,25 @@ class Trainer:
         torch.manual_seed(cfg.seed + self.dist.rank)  # label dropout draws from the global RNG
         if resume_state is not None:
             self._restore_progress(resume_state)
+        if cfg.overwrite and self.dist.is_main:  # only now: a run that fails to set up deletes nothing
+            removed = clear_run(self.out)
+            if removed:
+                print(f"--overwrite: deleted the previous run's {removed} file(s) in {self.out}")
+
+    def _claim_out_dir(self) -> None:
+        """Check that --out is a writable folder, take its lock and clear leftovers of interrupted writes (rank 0)."""
+        if self.dist.is_main:
+            prepare_out_dir(self.out)
+            self.lock = RunLock(self.out)
+            removed = clean_temp_files(self.out)
+            if removed:
+                print(f"removed {removed} unfinished temporary file(s) that an interrupted write left in {self.out}")
+
+    def release(self) -> None:
+        """Give up the output folder's lock (the run is over; a later trainer may use the folder)."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
     def _build_torch(self, resume_state: dict[str, Any] | None) -> None:
         """Model layout, AdamW, EMA and (fp16) loss scaler from PyTorch's own engines."""
@@ -285,29 +351,40 @@ class Trainer:
         previous = list_checkpoints(self.out)
         try:
             return save_checkpoint(self.out, self.step, state, self.cfg.keep_last)
-        except OSError as e:
+        except (OSError, RuntimeError) as e:  # torch.save reports a failed write (full disk) as RuntimeError
             keep = f"; the previous checkpoint {previous[-1]} is intact" if previous else ""
             raise RuntimeError(f"writing the step-{self.step} checkpoint in {self.out / 'checkpoints'} failed "
-                               f"({e.strerror or e}){keep}. Free disk space and resume with --resume auto.") from e
+                               f"({_short_error(e)}){keep}. Free disk space (check write access too) and resume "
+                               "with --resume auto.") from e
 
     def _read_resume_state(self) -> dict[str, Any] | None:
-        """The checkpoint to resume from, checked against this run's configs (None for a fresh run)."""
+        """The checkpoint to resume from, checked against this run's training config (None: fresh run).
+
+        The training options that fix the data order and the process are compared first: a
+        changed --process would otherwise show up as a model difference (timestep_scale).
+        """
         path = resolve_resume(self.cfg.resume, self.out)
         if path is None:
+            if self.cfg.resume == "auto" and self.dist.is_main:
+                print(f"--resume auto: no checkpoint in {self.out / 'checkpoints'}; starting a new run at step 0")
             return None
         state = load_checkpoint(path)
         state["_path"] = path
+        saved_train = json.loads(state["train_config"])
+        for key in ("process", "data", "global_batch", "seed"):
+            if saved_train.get(key) != getattr(self.cfg, key):
+                flag = "--" + key.replace("_", "-")
+                raise ValueError(f"checkpoint {path} was trained with {key}={saved_train.get(key)!r} but this run has "
+                                 f"{key}={getattr(self.cfg, key)!r}; an exact resume needs the same value "
+                                 f"({flag} {saved_train.get(key)}), or start a new run in another --out")
+        return state
+
+    def _check_resume_model(self, state: dict[str, Any]) -> None:
         saved_model = json.loads(state["model_config"])
         if saved_model != self.model_cfg.to_dict():
-            raise ValueError(f"checkpoint {path} was trained with another model config "
+            raise ValueError(f"checkpoint {state['_path']} was trained with another model config "
                              f"({describe_config_difference(saved_model, self.model_cfg.to_dict())}); "
-                             "resume with the same --model and overrides, or start a new --out folder")
-        saved_train = json.loads(state["train_config"])
-        for key in ("global_batch", "seed", "process", "data"):
-            if saved_train.get(key) != getattr(self.cfg, key):
-                raise ValueError(f"checkpoint {path} used {key}={saved_train.get(key)!r} but this run has "
-                                 f"{key}={getattr(self.cfg, key)!r}; exact resume needs the same value")
-        return state
+                             "resume with the same --model and overrides, or start a new run in another --out")
 
     def _restore_progress(self, state: dict[str, Any]) -> None:
         """Step, RNG streams and data position of a checkpoint whose weights are already loaded."""
@@ -396,6 +473,13 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> dict[str, Any]:
+        """Train to cfg.steps, write the final checkpoint and EMA weights; the folder's lock is then given up."""
+        try:
+            return self._run()
+        finally:
+            self.release()
+
+    def _run(self) -> dict[str, Any]:
         cfg, dist = self.cfg, self.dist
         sampler = StepBatchSampler(len(self.dataset), cfg.global_batch, self.micro_batch, dist.rank, dist.world,
                                    cfg.seed, self.step, cfg.steps)
@@ -404,11 +488,9 @@ class Trainer:
         loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=sampler, num_workers=cfg.num_workers,
                                              persistent_workers=cfg.num_workers > 0,
                                              generator=torch.Generator().manual_seed(cfg.seed))
-        logger = RunLogger(self.out, enabled=dist.is_main, kind=cfg.logger)
+        logger = RunLogger(self.out, enabled=dist.is_main, kind=cfg.logger, start_step=self.step)
         if dist.is_main:
-            (self.out).mkdir(parents=True, exist_ok=True)
-            (self.out / "config.json").write_text(json.dumps(
-                {"train": cfg.to_dict(), "model": self.model_cfg.to_dict()}, indent=2))
+            _write_json(self.out / "config.json", {"train": cfg.to_dict(), "model": self.model_cfg.to_dict()})
         tracker = ExpertLoadTracker(self.model)
         progress = Progress(cfg.steps, self.step, enabled=dist.is_main and cfg.progress)
         self.train_model.train()
@@ -428,7 +510,7 @@ class Trainer:
                 for k in sums:  # stays on the device: no host sync between log lines
                     sums[k] = sums[k] + step_terms[k]
                 n_in_window += 1
-                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                if (cfg.log_every and self.step % cfg.log_every == 0) or self.step == cfg.steps:
                     now = time.perf_counter()
                     last = {k: float(v) / n_in_window for k, v in sums.items()}
                     last["images_per_s"] = window_imgs / max(now - window_t, 1e-9)
@@ -442,7 +524,7 @@ class Trainer:
                     sums = {k: 0.0 for k in sums}
                     n_in_window, window_t, window_imgs = 0, now, 0
                 progress.update(self.step)
-                if self.step % cfg.ckpt_every == 0 and self.step < cfg.steps:
+                if cfg.ckpt_every and self.step % cfg.ckpt_every == 0 and self.step < cfg.steps:
                     self.save()
         progress.close()
         ckpt = self.save()
@@ -458,18 +540,30 @@ class Trainer:
         if dist.is_main:
             from ..convert import save_model
 
-            save_model(ema_state, self.out / "model_ema.safetensors", config=self.model_cfg, extra_meta={"weights": "ema"})
             logger.close()
+            try:
+                save_model(ema_state, self.out / "model_ema.safetensors", config=self.model_cfg,
+                           extra_meta={"weights": "ema"})
+            except (OSError, RuntimeError) as e:
+                raise RuntimeError(f"writing {self.out / 'model_ema.safetensors'} failed ({_short_error(e)}); the "
+                                   f"checkpoint {ckpt} holds the same EMA weights. Free disk space and rerun with "
+                                   "--resume auto to write them") from e
             if summary["steps_this_run"] == 0:  # a rerun of a finished job keeps the real summary
                 print(f"already at step {self.step} of {cfg.steps}: nothing to train; "
                       f"EMA weights: {self.out / 'model_ema.safetensors'}")
                 return summary
-            (self.out / "train_summary.json").write_text(json.dumps(summary, indent=2))
+            _write_json(self.out / "train_summary.json", summary)
             print(f"trained {summary['steps_this_run']} steps in {elapsed / 60:.1f} min "
                   f"({summary['images_per_s']:.0f} images/s, {summary['precision']}); final loss "
                   f"{last.get('loss', float('nan')):.4f}, balance loss {last.get('balance', float('nan')):.4f}; "
                   f"EMA weights: {self.out / 'model_ema.safetensors'}")
         return summary
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    from ..convert import atomic_write
+
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=2)))
 
 
 def train(cfg: TrainConfig, model_overrides: dict[str, Any] | None = None) -> dict[str, Any]:

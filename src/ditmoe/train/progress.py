@@ -37,44 +37,83 @@ class Progress:
             self.bar.close()
 
 
+def truncate_log(path: Path, step: int) -> int:
+    """Keep the header and the rows of a step <= `step` in a CSV log whose first column is the step.
+
+    A resumed run restarts at its checkpoint's step: rows logged after that checkpoint, before the
+    run was stopped, would otherwise appear twice. A row cut short by a kill is dropped as well.
+    Returns the number of rows dropped.
+    """
+    if not path.exists():
+        return 0
+    with open(path, newline="") as f:
+        text = f.read()
+    lines = text.splitlines(keepends=True)
+    if not lines:
+        return 0
+    kept, dropped = [lines[0]], 0
+    for line in lines[1:]:
+        try:
+            ok = line.endswith("\n") and int(line.split(",", 1)[0]) <= step
+        except ValueError:
+            ok = False
+        if ok:
+            kept.append(line)
+        else:
+            dropped += 1
+    if dropped:
+        tmp = path.with_name(f".{path.name}.truncate.tmp")
+        with open(tmp, "w", newline="") as f:
+            f.write("".join(kept))
+        tmp.replace(path)
+    return dropped
+
+
 class RunLogger:
     """metrics.csv (one row per log step) and expert_load.csv (step, layer, one column per expert);
-    optionally TensorBoard scalars as well."""
+    optionally TensorBoard scalars as well.
 
-    def __init__(self, out: Path, enabled: bool, kind: str = "csv"):
+    `start_step`: the step the run starts at; rows (and TensorBoard events) after it, left by an
+    earlier attempt that was stopped after its last checkpoint, are removed.
+    """
+
+    def __init__(self, out: Path, enabled: bool, kind: str = "csv", start_step: int = 0):
         self.enabled, self.out = enabled, Path(out)
         self._metrics_file = self._load_file = self._tb = None
         self._metric_keys: list[str] | None = None
         if not enabled:
             return
         self.out.mkdir(parents=True, exist_ok=True)
+        for name in ("metrics.csv", "expert_load.csv"):
+            truncate_log(self.out / name, start_step)
         if kind == "tensorboard":
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError as e:
                 raise ValueError("logger 'tensorboard' needs the tensorboard package: pip install tensorboard") from e
-            self._tb = SummaryWriter(str(self.out / "tensorboard"))
+            self._tb = SummaryWriter(str(self.out / "tensorboard"), purge_step=start_step + 1 if start_step else None)
 
     def log(self, step: int, metrics: dict[str, float], loads: dict[int, list[float]]) -> None:
         if not self.enabled:
             return
         if self._metrics_file is None:
             path = self.out / "metrics.csv"
-            new = not path.exists()
+            header = _csv_header(path)
             self._metrics_file = open(path, "a", newline="")
-            self._metric_keys = ["step"] + sorted(metrics)
+            # Appending to a resumed run's log keeps its columns (grad_norm may come and go).
+            self._metric_keys = header or ["step"] + sorted(metrics)
             self._metrics_writer = csv.DictWriter(self._metrics_file, fieldnames=self._metric_keys, extrasaction="ignore")
-            if new:
+            if not header:
                 self._metrics_writer.writeheader()
         self._metrics_writer.writerow({"step": step, **metrics})
         self._metrics_file.flush()
         if loads:
             if self._load_file is None:
                 path = self.out / "expert_load.csv"
-                new = not path.exists()
+                header = _csv_header(path)
                 self._load_file = open(path, "a", newline="")
                 self._load_writer = csv.writer(self._load_file)
-                if new:
+                if not header:
                     n = len(next(iter(loads.values())))
                     self._load_writer.writerow(["step", "layer"] + [f"expert_{e}" for e in range(n)])
             for layer, fr in loads.items():
@@ -90,6 +129,15 @@ class RunLogger:
                 f.close()
         if self._tb is not None:
             self._tb.close()
+
+
+def _csv_header(path: Path) -> list[str] | None:
+    """The header row of an existing, non-empty CSV file, else None."""
+    if not path.exists():
+        return None
+    with open(path, newline="") as f:
+        row = next(csv.reader(f), None)
+    return row or None
 
 
 class ExpertLoadTracker:
