@@ -254,7 +254,17 @@ def test_resume_auto_without_a_checkpoint_says_it_starts_fresh(tmp_path, capsys)
     assert f"--resume auto: no checkpoint in {out / 'checkpoints'}; starting a new run at step 0" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         main(["train", "--help"])
-    assert "a fresh start, said so, when there is none" in " ".join(capsys.readouterr().out.split())
+    assert "where there is none, a new run starts and says so" in " ".join(capsys.readouterr().out.split())
+
+
+def test_resume_auto_does_not_replace_a_finished_run_without_checkpoints(run_copy, capsys):
+    shutil.rmtree(run_copy / "checkpoints")  # e.g. deleted to save space; the EMA weights are the result
+    before = snapshot(run_copy)
+    assert train(run_copy, "--resume", "auto", steps=3) == 2
+    err = capsys.readouterr().err
+    assert "holds a finished run (model_ema.safetensors, train_summary.json) but no checkpoint" in err
+    assert "--overwrite true" in err
+    assert snapshot(run_copy) == before
 
 
 def test_resume_with_another_process_names_the_process(run_copy, capsys):

@@ -263,7 +263,7 @@ class TrainConfig:
     log_every: int = 50  # steps between log lines / CSV rows; 0 = one row, at the end
     ckpt_every: int = 1000  # steps between checkpoints; 0 = only the one always written at the end
     keep_last: int = 2  # checkpoints kept on disk
-    resume: str = ""  # "" (fresh; refused if out holds a run), "auto" (latest in out/checkpoints; a fresh start, said so, when there is none) or a checkpoint path
+    resume: str = ""  # "" (fresh; refused if out holds a run), "auto" (the newest checkpoint in out/checkpoints; where there is none, a new run starts and says so) or a checkpoint path
     overwrite: bool = False  # start afresh in an out folder that holds a run, deleting that run's checkpoints, logs and weights (other files stay)
     logger: str = "csv"  # "csv" or "tensorboard" (needs the tensorboard package)
     # rectified flow

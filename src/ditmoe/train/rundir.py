@@ -116,11 +116,19 @@ def check_fresh_run(out: Path, resume: str, overwrite: bool) -> None:
     A run continued from one of its own checkpoints (`--resume auto` or a path into
     OUT/checkpoints) is the same run; anything else would share the folder with the old run.
     """
-    if overwrite or resume == "auto":
+    if overwrite:
+        return
+    found = run_files(out)
+    if resume == "auto":
+        # No checkpoint but the weights of a finished run: starting over would replace them.
+        weights = [f for f in ("model_ema.safetensors", "train_summary.json") if f in found]
+        if weights and not any(f.startswith("checkpoints/") for f in found):
+            raise ValueError(f"--resume auto: {out} holds a finished run ({', '.join(weights)}) but no checkpoint "
+                             f"in {out / 'checkpoints'} to continue from; replace that run with --overwrite true "
+                             "(without --resume), or give another --out")
         return
     if resume and Path(resume).resolve().parent == (out / "checkpoints").resolve():
         return
-    found = run_files(out)
     if not found:
         return
     shown = ", ".join(found[:4]) + (f" and {len(found) - 4} more" if len(found) > 4 else "")
