@@ -61,7 +61,8 @@ MAX_PROBE_TOKENS = 256
 # would charge bf16 for it unfairly, many more would make the probe slow.
 MIN_PROBE_ROWS, MAX_PROBE_ROWS = 256, 4096
 # fp32 floating-point operations aimed at per probe step (forward + backward), above the
-# minimum rows: 8 steps of a probe take well under two seconds on two cores.
+# minimum rows: enough work per step for stable timings, little enough that the probe's 8 steps
+# stay short (docs/performance.md, "Precision").
 PROBE_FLOPS = 3e9
 # Fixed rule without the probe (DITMOE_PRECISION_PROBE=0): where AMX bf16 measured faster.
 RULE_AMX_MIN_WIDTH = 384
@@ -69,6 +70,9 @@ CACHE_VERSION = 1
 PROBE_ENV = "DITMOE_PRECISION_PROBE"
 
 ProbeResult = dict  # {"fp32_ms": float, "bf16_ms": float}
+# What this process measured, by (cache file, key): where the cache file cannot be written
+# (read-only home, full disk) a process still probes each shape only once.
+_MEASURED: dict[tuple[str, str], ProbeResult] = {}
 
 
 @dataclass(frozen=True)
@@ -253,8 +257,11 @@ def decide_cpu(model_cfg: Any, *, cpu: CpuInfo | None = None, probe: Callable[[P
         hit = _read_cache(path).get(key)
         if isinstance(hit, dict) and "fp32_ms" in hit and "bf16_ms" in hit:
             return _from_timings(hit, "cache", key)
+        if (str(path), key) in _MEASURED:  # measured by this process, and the file was not writable
+            return _from_timings(_MEASURED[str(path), key], "probe", key)
     timings = (probe or probe_cpu)(shape)
     if not force_probe:
+        _MEASURED[str(path), key] = timings
         _write_cache(path, key, {"fp32_ms": timings["fp32_ms"], "bf16_ms": timings["bf16_ms"],
                                  "measured": time.strftime("%Y-%m-%d %H:%M:%S")})
     return _from_timings(timings, "probe", key)
