@@ -70,37 +70,46 @@ def _convert_args(p: argparse.ArgumentParser) -> None:
 
 @command("convert", "convert checkpoints between the official layout and this package")(_convert_args)
 def _convert(args: argparse.Namespace) -> int:
-    from .convert import export_official, load_model, save_model
+    from .convert import (atomic_write, check_checkpoint_path, check_output_file, export_official,
+                          load_model_and_info, run_process_near, save_model)
 
+    check_checkpoint_path(args.src, "SRC")
+    check_output_file(args.dst, "DST", suffix=".safetensors")
     overrides = {} if args.timestep_scale is None else {"timestep_scale": args.timestep_scale}
-    if args.model:
-        from .convert import load_official
-
-        model = load_official(args.src, config=args.model, **overrides)
-    else:
-        model = load_model(args.src, **overrides)
+    # A training checkpoint keeps the config and process it records (overrides that contradict
+    # them are refused); other files get theirs from their metadata or the run folder they sit in.
+    model, info = load_model_and_info(args.src, config=args.model, **overrides)
+    process = info.get("process") or run_process_near(args.src)
+    meta = {"weights": info["weights"], **({"process": process} if process else {})}
     if args.to == "package":
-        save_model(model, args.dst)
+        save_model(model, args.dst, extra_meta=meta)
     else:
         from safetensors.torch import save_file
 
-        from .convert import atomic_write
-
         sd = export_official(model)
-        atomic_write(args.dst, lambda tmp: save_file(sd, tmp, metadata={"config": json.dumps(_official_ctor_args(model.config))}))
+        official = {"config": json.dumps(_official_ctor_args(model.config, process))}
+        atomic_write(args.dst, lambda tmp: save_file(sd, tmp, metadata=official))
     print(f"wrote {args.dst} ({model.config.name}: depth {model.config.depth}, hidden {model.config.hidden_size}, "
-          f"experts {model.config.num_experts})")
+          f"experts {model.config.num_experts}, timestep scale {model.config.timestep_scale:g}, "
+          f"process {process or 'not recorded (sample assumes ddpm unless --process flow)'})")
     return 0
 
 
-def _official_ctor_args(cfg) -> dict:
-    """The official constructor's argument names, so the metadata reads like theirs."""
+def _official_ctor_args(cfg, process: str | None = None) -> dict:
+    """The official constructor's argument names, so the metadata reads like theirs; the time
+    convention and the process ride along so that reading the file back gives the same model."""
     d = dict(input_size=cfg.input_size, patch_size=cfg.patch_size, in_channels=cfg.in_channels,
              hidden_size=cfg.hidden_size, depth=cfg.depth, num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio,
              class_dropout_prob=cfg.class_dropout_prob, num_classes=cfg.num_classes, learn_sigma=cfg.learn_sigma)
     if cfg.num_experts:
         d.update(num_experts=cfg.num_experts, num_experts_per_tok=cfg.top_k,
                  use_flash_attn=cfg.attn_layout == "fused_qknorm")
+        if cfg.norm_topk:
+            d["norm_topk"] = True
+    if cfg.timestep_scale != 1.0:
+        d["timestep_scale"] = cfg.timestep_scale
+    if process:
+        d["process"] = process
     return d
 
 
@@ -120,8 +129,10 @@ def _upcycle_args(p: argparse.ArgumentParser) -> None:
 
 @command("upcycle", "turn a dense DiT checkpoint into a DiT-MoE (experts copied from the dense MLP)")(_upcycle_args)
 def _upcycle(args: argparse.Namespace) -> int:
-    from .convert import save_model, upcycle
+    from .convert import check_checkpoint_path, check_output_file, save_model, upcycle
 
+    check_checkpoint_path(args.src, "SRC")
+    check_output_file(args.dst, "DST", suffix=".safetensors")
     model = upcycle(args.src, num_experts=args.experts, top_k=args.top_k, norm_topk=not args.no_renormalize,
                     shared_hidden=args.shared_hidden, router_std=args.router_std, noise_std=args.noise, seed=args.seed)
     save_model(model, args.dst)
@@ -158,14 +169,45 @@ def main(argv: list[str] | None = None) -> int:
     from .cpu_allocator import keep_freed_memory
 
     keep_freed_memory()  # page faults on freshly mapped tensors otherwise cost CPU runs up to 40% of their time
+    import os
+
     try:
         return COMMANDS[args.command][2](args) or 0
     except (ValueError, FileNotFoundError) as e:
         # Bad input: one clear line, no traceback (DITMOE_DEBUG=1 shows it).
-        import os
-
         if os.environ.get("DITMOE_DEBUG"):
             raise
         print(f"ditmoe {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        # The machine refused a read or write (full disk, read-only folder): name the file and the remedy.
+        if os.environ.get("DITMOE_DEBUG"):
+            raise
+        print(f"ditmoe {args.command}: error: {describe_os_error(e)}", file=sys.stderr)
+        return 1
+    except RuntimeError as e:
+        from .convert import _is_torch_write_failure, disk_write_error
 
+        if not _is_torch_write_failure(e) or os.environ.get("DITMOE_DEBUG"):
+            raise
+        print(f"ditmoe {args.command}: error: {describe_os_error(disk_write_error('', e))}", file=sys.stderr)
+        return 1
+
+
+def describe_os_error(e: OSError) -> str:
+    """One line: what failed on which path, and what to do about it."""
+    import errno
+
+    where = f" {e.filename}" if e.filename else ""
+    what = e.strerror or str(e)
+    if e.errno == errno.ENOSPC:
+        return f"writing{where} failed: no space left on the device ({what}); free space or write elsewhere"
+    if e.errno == errno.EDQUOT:
+        return f"writing{where} failed: disk quota exceeded ({what}); free space or write elsewhere"
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"cannot write or read{where} ({what}); choose a writable folder or fix its permissions"
+    if e.errno == errno.EISDIR:
+        return f"{where.strip()} is a folder where a file was expected ({what})"
+    if e.errno == errno.ENOTDIR:
+        return f"a part of{where} is a file where a folder was expected ({what})"
+    return f"{'I/O error on' + where if where else 'I/O error'}: {what} (errno {e.errno})"

@@ -33,11 +33,51 @@ def _add_sampling_args(p: argparse.ArgumentParser, default_sampler: str | None =
     p.add_argument("--no-progress", action="store_true")
 
 
+def _check_sampling_args(args: argparse.Namespace) -> None:
+    """Refuse values that would sample something other than what was asked, before any work."""
+    if args.steps is not None and args.steps < 1:
+        raise ValueError(f"--steps must be at least 1, got {args.steps} (leave it out for the sampler's default: "
+                         "250 ddpm, 50 ddim/euler, 25 heun)")
+    if args.cfg_scale < 0:
+        raise ValueError(f"--cfg-scale must be >= 0, got {args.cfg_scale}: 1 = no guidance, larger values push "
+                         "samples towards their class (1.5 to 4 is usual), 0 = unconditional")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.shift <= 0:
+        raise ValueError(f"--shift must be > 0, got {args.shift} (1 = no time shift)")
+    if args.eta < 0:
+        raise ValueError(f"--eta must be >= 0, got {args.eta} (0 = deterministic DDIM)")
+    _cfg_channels(args.cfg_channels)
+    if args.vae is not None and not Path(args.vae).is_dir():
+        raise FileNotFoundError(f"--vae {args.vae} is not a folder: pass a local Stable-Diffusion VAE folder")
+
+
+def _check_sampler_fits(args: argparse.Namespace, process: str) -> None:
+    from .samplers import PROCESS_SAMPLERS
+
+    if args.sampler is not None and args.sampler not in PROCESS_SAMPLERS[process]:
+        raise ValueError(f"--sampler {args.sampler} does not sample a {process} model; choose one of "
+                         f"{', '.join(PROCESS_SAMPLERS[process])} (or pass --process if the model's process was "
+                         "read wrongly)")
+
+
 def _device(arg: str | None):
     import torch
 
     if arg:
-        return torch.device(arg)
+        try:
+            device = torch.device(arg)
+        except RuntimeError as e:
+            raise ValueError(f"--device {arg!r} is not a device name: use cpu, cuda, cuda:N or mps") from e
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"--device {arg}: this torch ({torch.__version__}) sees no CUDA GPU; "
+                             "use --device cpu or leave --device out")
+        if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {arg}: only {torch.cuda.device_count()} CUDA device(s) "
+                             f"(cuda:0..cuda:{torch.cuda.device_count() - 1})")
+        if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise ValueError(f"--device {arg}: MPS is not available here; use --device cpu or leave --device out")
+        return device
     if "LOCAL_RANK" in os.environ and torch.cuda.is_available():
         return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -73,7 +113,7 @@ def _sample_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-images", type=int, default=None,
                    help="total images instead of --per-class (classes cycle through the selection)")
     p.add_argument("--grid-rows", type=int, default=None, help="images per grid row (default: --per-class)")
-    p.add_argument("--max-grid", type=int, default=400, help="at most this many images in grid.png")
+    p.add_argument("--max-grid", type=int, default=400, help="at most this many images in grid.png (0 = no grid)")
     p.add_argument("--singles", action="store_true", help="also write each image as its own PNG")
 
 
@@ -82,11 +122,28 @@ def _sample(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
 
-    from .generate import generate, load_for_sampling, parse_classes, save_grid, save_npz, save_singles, to_uint8_nhwc
+    from .generate import (default_steps, generate, load_for_sampling, parse_classes, save_grid, save_npz,
+                           save_singles, to_uint8_nhwc)
+    from .samplers import PROCESS_SAMPLERS
 
+    from .convert import check_checkpoint_path, check_output_dir
+
+    _check_sampling_args(args)
+    if args.per_class < 1:
+        raise ValueError(f"--per-class must be at least 1, got {args.per_class}")
+    if args.num_images is not None and args.num_images < 1:
+        raise ValueError(f"--num-images must be at least 1, got {args.num_images} (leave it out to sample "
+                         "--per-class images of each class)")
+    if args.max_grid < 0:
+        raise ValueError(f"--max-grid must be >= 0, got {args.max_grid} (0 = no grid.png)")
+    if args.grid_rows is not None and args.grid_rows < 1:
+        raise ValueError(f"--grid-rows must be at least 1, got {args.grid_rows}")
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     device = _device(args.device)
+    check_checkpoint_path(args.ckpt, "--ckpt")
+    out = check_output_dir(args.out)
     loaded = load_for_sampling(args.ckpt, args.weights, args.process, device)
+    _check_sampler_fits(args, loaded.process)
     model, cfg = loaded.model, loaded.model.config
     labels = parse_classes(args.classes, cfg.num_classes, args.per_class)
     if args.num_images is not None:
@@ -103,7 +160,6 @@ def _sample(args: argparse.Namespace) -> int:
                       batch_size=args.batch_size, indices=indices, shift=args.shift, eta=args.eta,
                       precision=args.precision, decode=_decoder(args, model), progress=not args.no_progress and rank == 0)
     arr = to_uint8_nhwc(images)
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if world > 1:
         np.savez(out / f"part_{rank:04d}.npz", arr_0=arr, idx=np.array(indices))
@@ -123,12 +179,14 @@ def _sample(args: argparse.Namespace) -> int:
     y = labels.numpy()
     npz = save_npz(arr, y, out / "samples.npz")
     nrow = args.grid_rows or (args.per_class if args.num_images is None else int(len(arr) ** 0.5) or 1)
-    grid = save_grid(arr[: args.max_grid], out / "grid.png", nrow=nrow)
+    grid = save_grid(arr[: args.max_grid], out / "grid.png", nrow=nrow) if args.max_grid > 0 else None
     if args.singles:
         save_singles(arr, y, out / "images")
-    (out / "sample_config.json").write_text(json.dumps({**vars(args), "process": loaded.process,
+    sampler = args.sampler or PROCESS_SAMPLERS[loaded.process][0]
+    (out / "sample_config.json").write_text(json.dumps({**vars(args), "process": loaded.process, "sampler": sampler,
+                                                        "steps": args.steps or default_steps(sampler),
                                                         "weights": loaded.weights, "num_images": len(arr)}, indent=2))
-    print(f"wrote {grid} and {npz} ({len(arr)} images, uint8 NHWC)")
+    print(f"wrote {str(grid) + ' and ' if grid else ''}{npz} ({len(arr)} images, uint8 NHWC)")
     return 0
 
 
@@ -148,8 +206,19 @@ def _analyze(args: argparse.Namespace) -> int:
     from .analysis import RoutingRecorder, analyze_counts, make_figures, write_report
     from .generate import default_steps, generate, load_for_sampling
 
+    from .convert import check_checkpoint_path, check_output_dir
+
+    _check_sampling_args(args)
+    if args.per_class < 1:
+        raise ValueError(f"--per-class must be at least 1, got {args.per_class}")
+    if args.permutations < 1:
+        raise ValueError(f"--permutations must be at least 1, got {args.permutations} (the mutual-information "
+                         "baselines shuffle the labels this many times)")
     device = _device(args.device)
+    check_checkpoint_path(args.ckpt, "--ckpt")
+    out = check_output_dir(args.out)
     loaded = load_for_sampling(args.ckpt, args.weights, args.process, device)
+    _check_sampler_fits(args, loaded.process)
     model, cfg = loaded.model, loaded.model.config
     if not cfg.is_moe:
         raise ValueError(f"{loaded.source} is a dense model: there are no experts to analyse")
@@ -160,7 +229,6 @@ def _analyze(args: argparse.Namespace) -> int:
     steps = args.steps or default_steps(sampler)
     # Heun evaluates the model twice per step; its callback numbering covers both evaluations.
     num_steps = steps * 2 if sampler == "heun" else steps
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     print(f"analysing routing of {loaded.source}: {len(labels)} images ({args.per_class} per class), "
           f"{sampler} {steps} steps, cfg {args.cfg_scale}")
@@ -218,10 +286,29 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
 
 @command("eval", "FID, sFID, Inception Score, precision / recall (and class agreement for MNIST)")(_eval_args)
 def _eval(args: argparse.Namespace) -> int:
-    from .eval.evaluate import compute_reference_stats, evaluate, format_results
+    from .convert import check_output_file
+    from .eval.evaluate import compute_reference_stats, evaluate, format_results, is_mnist_like
+    from .eval.npz import load_samples_npz
 
+    # Every input and output is checked before the classifier is trained or any feature computed.
+    if args.out:
+        check_output_file(args.out, "--out")
+    if args.save_ref_stats:
+        check_output_file(args.save_ref_stats, "--save-ref-stats")
     device = str(_device(args.device))
+    images, labels = load_samples_npz(args.samples)
     ref = args.ref
+    if ref != "mnist":
+        from .eval.npz import check_reference_npz
+
+        check_reference_npz(ref)
+    mnist = args.extractor == "mnist" or (args.extractor == "auto" and is_mnist_like(images))
+    if mnist and labels is not None and len(labels) and (labels.min() < 0 or labels.max() > 9):
+        bad = sorted(set(labels[(labels < 0) | (labels > 9)].tolist()))
+        raise ValueError(f"{args.samples}: arr_1 holds labels {bad[:5]} outside the MNIST classes 0..9; arr_1 must be "
+                         "the class each sample was asked for (leave it out to skip class agreement)")
+    if mnist:
+        ensure_mnist_classifier()
     if ref == "mnist":
         from .eval.features import cache_dir
 
@@ -233,25 +320,17 @@ def _eval(args: argparse.Namespace) -> int:
         if not cached.exists():
             compute_reference_stats(mnist_reference_images(), extractor="mnist", out=cached)
         ref = cached
-    elif not Path(ref).exists():
-        raise FileNotFoundError(f"reference {ref} does not exist (give an .npz or 'mnist')")
-    if args.extractor in ("auto", "mnist"):
-        from .eval.npz import load_samples_npz
-        from .eval.evaluate import is_mnist_like
-
-        images, _ = load_samples_npz(args.samples)
-        if args.extractor == "mnist" or is_mnist_like(images):
-            ensure_mnist_classifier()
     if args.save_ref_stats:
         compute_reference_stats(ref, extractor=args.extractor if args.extractor != "auto" else "auto",
                                    out=args.save_ref_stats, inception_weights=args.inception_weights)
-    result = evaluate(args.samples, ref, extractor=args.extractor, device=device,
+    result = evaluate(images, ref, extractor=args.extractor, labels=labels, device=device,
                          inception_weights=args.inception_weights, progress=True)
     result["samples"], result["ref"] = str(args.samples), str(args.ref)
     print(format_results(result))
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=2))
+        from .convert import atomic_write
+
+        atomic_write(args.out, lambda tmp: Path(tmp).write_text(json.dumps(result, indent=2)))
         print(f"wrote {args.out}")
     return 0
 

@@ -14,6 +14,7 @@ import json
 import math
 import os
 import re
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any, Mapping
@@ -35,6 +36,90 @@ class CheckpointMismatchError(ValueError):
 
 
 # ---------------------------------------------------------------------------- reading files
+_PASS_INSTEAD = ("pass a model saved by ditmoe (RUN/model_ema.safetensors), a training checkpoint "
+                 "(RUN/checkpoints/step_N.pt) or an official DiT-MoE / DiT checkpoint")
+
+
+def check_checkpoint_path(path: str | os.PathLike, flag: str = "checkpoint") -> Path:
+    """The path of an existing checkpoint file; a folder gets a list of the checkpoints found in it."""
+    path = Path(path)
+    if path.is_dir():
+        found = [p for p in (path / "model_ema.safetensors",) if p.is_file()]
+        found += sorted((path / "checkpoints").glob("step_*.pt")) if (path / "checkpoints").is_dir() else []
+        found += sorted(p for p in path.iterdir() if p.is_file() and p.suffix in (".safetensors", ".pt", ".pth", ".bin")
+                        and p not in found)
+        hint = ("it holds: " + ", ".join(str(p) for p in found[:8]) + (" ..." if len(found) > 8 else "")
+                if found else "it holds no checkpoint (.safetensors / .pt)")
+        raise ValueError(f"{flag} {path} is a folder, not a checkpoint file; pass a file such as "
+                         f"{path / 'model_ema.safetensors'} (a run's EMA weights) or {path / 'checkpoints' / 'step_N.pt'} "
+                         f"(a training checkpoint); {hint}")
+    if not path.exists():
+        raise FileNotFoundError(f"{flag} {path} does not exist")
+    return path
+
+
+def torch_load_weights_only(path: str | os.PathLike, corrupt_hint: str = "") -> Any:
+    """`torch.load(weights_only=True)` whose refusals say what is wrong with the file.
+
+    A file holding Python objects other than tensors and plain containers is refused as unsafe
+    (unpickling it could run code); a truncated, empty or foreign file is reported as unreadable,
+    with `corrupt_hint` appended (e.g. where an older checkpoint is).
+    """
+    import pickle
+
+    path = Path(path)
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+    except OSError:
+        raise  # permission, I/O: reported as such by the CLI
+    except pickle.UnpicklingError as e:
+        # torch's weights-only unpickler names the object it refused ("Unsupported global",
+        # "Trying to call reduce ..."); random or damaged bytes give "Unsupported operand".
+        refusal = re.search(r"WeightsUnpickler error: \s*(.*)", str(e))
+        if refusal and not refusal.group(1).startswith("Unsupported operand"):
+            found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+            what = f" (such as {found.group(1)})" if found else ""
+            raise ValueError(
+                f"{path} holds Python objects other than tensors{what}; ditmoe loads only weights-only "
+                "checkpoints, because unpickling arbitrary objects can run code. Where the file comes from a "
+                "trusted source, re-save its state dict with torch.save(model.state_dict(), path) "
+                "(or save it as safetensors) and pass that file") from e
+        raise ValueError(_unreadable_torch(path, e, corrupt_hint)) from e
+    except Exception as e:  # RuntimeError (not a zip / truncated), EOFError (empty), IndexError (random bytes)
+        raise ValueError(_unreadable_torch(path, e, corrupt_hint)) from e
+
+
+def _first_sentence(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0].split(". ")[0].rstrip(".") if text else type(e).__name__
+
+
+def _unreadable_torch(path: Path, e: BaseException, hint: str) -> str:
+    size = path.stat().st_size if path.exists() else 0
+    why = "it is empty" if size == 0 else f"{type(e).__name__}: {_first_sentence(e)}"
+    return (f"{path} is not a readable torch checkpoint ({why}); it may be truncated (an interrupted copy or save) "
+            f"or not a checkpoint at all. {hint or 'To sample or convert, ' + _PASS_INSTEAD}.")
+
+
+def read_safetensors(path: str | os.PathLike) -> tuple[StateDict, dict[str, str]]:
+    """All tensors and the metadata of a .safetensors file; an unreadable file gets a clear ValueError."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+            sd = {k: f.get_tensor(k) for k in f.keys()}
+    except OSError:
+        raise
+    except Exception as e:  # SafetensorError (header too small / large, incomplete) and friends
+        why = "it is empty" if path.stat().st_size == 0 else _first_sentence(e)
+        raise ValueError(f"{path} is not a readable safetensors file ({why}); it may be truncated (an interrupted "
+                         f"copy or save) or not a model at all. To sample or convert, {_PASS_INSTEAD}."
+                         ) from e
+    return sd, meta
+
+
 def read_state_dict(src: str | os.PathLike | Mapping[str, Any]) -> tuple[StateDict, dict[str, str]]:
     """Read a checkpoint into a flat state dict plus its metadata (safetensors) without unpickling code.
 
@@ -46,24 +131,13 @@ def read_state_dict(src: str | os.PathLike | Mapping[str, Any]) -> tuple[StateDi
     if isinstance(src, Mapping):
         sd = dict(src)
     else:
-        path = Path(src)
-        if not path.exists():
-            raise FileNotFoundError(f"checkpoint {path} does not exist")
+        path = check_checkpoint_path(src)
         if path.suffix == ".safetensors":
-            from safetensors import safe_open
-
-            with safe_open(str(path), framework="pt") as f:
-                meta = dict(f.metadata() or {})
-                sd = {k: f.get_tensor(k) for k in f.keys()}
+            sd, meta = read_safetensors(path)
         else:
-            try:
-                sd = torch.load(str(path), map_location="cpu", weights_only=True)
-            except Exception as e:  # an unsafe pickle or a corrupt file: say which, keep the cause
-                raise ValueError(
-                    f"could not read {path} as a weights-only torch checkpoint ({type(e).__name__}: {e}). "
-                    "Only tensors and plain containers are accepted; re-save the state dict with "
-                    "torch.save(model.state_dict(), path) or convert it to safetensors."
-                ) from e
+            sd = torch_load_weights_only(path)
+            if not isinstance(sd, Mapping):
+                raise ValueError(f"{path} holds a {type(sd).__name__}, not a state dict; {_PASS_INSTEAD}")
     for wrapper in ("ema", "model", "state_dict", "module"):
         if wrapper in sd and isinstance(sd[wrapper], Mapping):
             sd = dict(sd[wrapper])
@@ -84,6 +158,11 @@ def infer_config(sd: Mapping[str, torch.Tensor], meta_config: Mapping[str, Any] 
     what shapes cannot tell: num_heads of the qkv layout, top_k and class dropout.
     """
     meta_config = dict(meta_config or {})
+    needed = ("x_embedder.proj.weight", "pos_embed", "y_embedder.embedding_table.weight", "final_layer.linear.weight")
+    absent = [k for k in needed if k not in sd]
+    if absent or not any(k.startswith("blocks.") for k in sd):
+        raise ValueError(f"these weights are not a DiT / DiT-MoE model: {absent or ['blocks.*']} missing "
+                         f"(its keys start {sorted(sd)[:4]}); {_PASS_INSTEAD}")
     pw = sd["x_embedder.proj.weight"]
     d, c_in, p = pw.shape[0], pw.shape[1], pw.shape[2]
     t = sd["pos_embed"].shape[1]
@@ -277,17 +356,65 @@ def export_official(model_or_sd) -> StateDict:
 
 
 # ---------------------------------------------------------------- package's own format
+def _umask() -> int:
+    try:  # Linux reports it without changing it
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _is_torch_write_failure(e: BaseException) -> bool:
+    """torch.save's zip writer reports a failed write (a full disk) as a RuntimeError."""
+    text = str(e)
+    return isinstance(e, RuntimeError) and ("inline_container" in text or "PytorchStreamWriter failed writing" in text
+                                            or "file write failed" in text)
+
+
+def disk_write_error(path: str | os.PathLike, e: BaseException) -> OSError:
+    """An OSError naming `path` for a write that failed inside a library (torch's zip writer)."""
+    import errno
+    import shutil
+
+    path = Path(path)
+    try:
+        free = shutil.disk_usage(path.parent if path.parent.exists() else ".").free
+    except OSError:
+        free = None
+    full = free is not None and free < 64 * 2**20
+    detail = f"{free / 2**20:.0f} MiB free there" if free is not None else "free space unknown"
+    first = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+    return OSError(errno.ENOSPC if full else errno.EIO, f"torch could not write the file, {detail}: {first}",
+                   str(path) if str(path) not in ("", ".") else None)
+
+
 def atomic_write(path: str | os.PathLike, write_fn) -> None:
     """Write through a temporary file in the same folder, fsync, then rename over `path`.
 
-    A crash or a full disk mid-write leaves the previous file untouched.
+    A crash or a full disk mid-write leaves the previous file untouched. The file gets the mode
+    a plain open() would give it: an existing file's mode, else 0o666 less the umask.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        mode = stat.S_IMODE(path.stat().st_mode)
+    except FileNotFoundError:
+        mode = 0o666 & ~_umask()
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
     os.close(fd)
     try:
-        write_fn(tmp)
+        try:
+            write_fn(tmp)
+        except RuntimeError as e:
+            if _is_torch_write_failure(e):
+                raise disk_write_error(path, e) from e
+            raise
+        os.chmod(tmp, mode)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -295,6 +422,49 @@ def atomic_write(path: str | os.PathLike, write_fn) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def _probe_write(folder: Path, flag: str) -> None:
+    """Create and remove a file in `folder`, so a read-only folder is found before any work."""
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".ditmoe-write-probe.", dir=str(folder))
+    except OSError as e:
+        raise ValueError(f"{flag} {folder}: cannot write there ({e.strerror or e}); choose a writable folder") from e
+    os.close(fd)
+    os.unlink(probe)
+
+
+def _existing_ancestor(path: Path) -> Path:
+    p = path.absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return p
+
+
+def check_output_dir(path: str | os.PathLike, flag: str = "--out") -> Path:
+    """Check before any work that `path` can be an output folder: not a file, and writable (in
+    its nearest existing ancestor when it does not exist yet; nothing is created here)."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{flag} {path} is a file, not a folder; pass a folder (created if missing) "
+                         "for the outputs")
+    base = _existing_ancestor(path)
+    if not base.is_dir():
+        raise ValueError(f"{flag} {path}: {base} is a file, so the folder cannot be created there; pass another folder")
+    _probe_write(base, flag)
+    return path
+
+
+def check_output_file(path: str | os.PathLike, flag: str = "--out", suffix: str | None = None) -> Path:
+    """Check before any work that `path` can be written as a file: not a folder, its folder
+    writable (or creatable), and ending in `suffix` when given."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{flag} {path} is a folder; pass a file path" + (f" ending in {suffix}" if suffix else ""))
+    if suffix and path.suffix != suffix:
+        raise ValueError(f"{flag} {path} must end in {suffix}")
+    check_output_dir(path.parent, f"{flag} {path}: its folder")
+    return path
 
 
 def save_model(model_or_sd, path: str | os.PathLike, config: ModelConfig | None = None,
@@ -316,21 +486,103 @@ def save_model(model_or_sd, path: str | os.PathLike, config: ModelConfig | None 
     return path
 
 
-def load_model(path: str | os.PathLike, **overrides: Any):
-    """Load a model saved by `save_model`, an official checkpoint, or a training checkpoint."""
+def run_process_near(path: str | os.PathLike) -> str | None:
+    """The process ("flow" / "ddpm") in the config.json of the run a checkpoint sits in, if any."""
     path = Path(path)
-    sd, meta = read_state_dict(path)
+    for candidate in (path.parent / "config.json", path.parent.parent / "config.json"):
+        if candidate.is_file():
+            try:
+                data = json.loads(candidate.read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError, OSError):
+                continue
+            if isinstance(data, dict) and isinstance(data.get("train"), dict):
+                return data["train"].get("process")
+    return None
+
+
+def load_model_and_info(path: str | os.PathLike, weights: str = "ema", config: ModelConfig | str | None = None,
+                        **overrides: Any) -> tuple[torch.nn.Module, dict[str, str]]:
+    """Load any checkpoint ditmoe reads (eval mode) and say what it is.
+
+    A training checkpoint (format "ditmoe-train") is built from the model config it records and
+    loaded with its `weights` ("ema" or "model"); `config` and overrides that contradict the
+    recorded config are refused, since the weights were trained with it. A model saved by
+    `save_model` carries its config; anything else is read as an official checkpoint (`config`
+    names its architecture, or it is inferred from the shapes).
+
+    The info dict has "weights" ("ema" / "model" for training checkpoints, the file's own label
+    such as "ema" for a run's model_ema.safetensors, else "file") and, when the checkpoint records
+    it, "process" ("flow" / "ddpm").
+    """
+    path = check_checkpoint_path(path)
+    if path.suffix == ".safetensors":
+        sd, meta = read_safetensors(path)
+    else:
+        raw = torch_load_weights_only(path)
+        if isinstance(raw, Mapping) and raw.get("format") == "ditmoe-train":
+            return _from_training_checkpoint(raw, path, weights, config, overrides)
+        if not isinstance(raw, Mapping):
+            raise ValueError(f"{path} holds a {type(raw).__name__}, not a state dict; {_PASS_INSTEAD}")
+        sd, meta = read_state_dict(raw)
+    try:
+        return _from_state_dict(path, sd, meta, config, overrides)
+    except ValueError as e:  # which file does not fit, for the CLI's one-line error
+        kind = CheckpointMismatchError if isinstance(e, CheckpointMismatchError) else ValueError
+        raise kind(f"{path}: {e}") from e
+
+
+def _from_state_dict(path: Path, sd: StateDict, meta: dict[str, str], config, overrides: dict[str, Any]):
+    info = {"weights": meta.get("weights", "file")}
+    if meta.get("process") in ("flow", "ddpm"):
+        info["process"] = meta["process"]
+    if config is not None:
+        return load_official(sd, config=config, **overrides), info
     if meta.get("format") == "ditmoe":
         cfg = ModelConfig.from_json(meta["config"])
     elif path.with_suffix(".json").exists() and path.suffix == ".safetensors":
         cfg = ModelConfig.from_dict(json.loads(path.with_suffix(".json").read_text()))
     else:
-        return load_official(sd, **overrides)
+        # The official constructor arguments (plus the time convention and process that
+        # `ditmoe convert --to official` adds) fill in what the shapes cannot tell.
+        meta_cfg = json.loads(meta["config"]) if "config" in meta else {}
+        if meta_cfg.get("process") in ("flow", "ddpm"):
+            info.setdefault("process", meta_cfg["process"])
+        cfg = infer_config(official_to_package(sd), meta_cfg)
+        return load_official(sd, config=cfg, **overrides), info
     if overrides:
         cfg = cfg.replace(**overrides)
     model = create_model(cfg.validate())
     load_into(model, official_to_package(sd))
-    return model.eval()
+    return model.eval(), info
+
+
+def _from_training_checkpoint(state: Mapping[str, Any], path: Path, weights: str, config, overrides: dict[str, Any]):
+    cfg = ModelConfig.from_json(state["model_config"])
+    if config is not None:
+        raise ValueError(f"{path} is a training checkpoint: it records its model config ({cfg.name}, depth {cfg.depth}, "
+                         f"hidden {cfg.hidden_size}); drop the model name, which could only contradict it")
+    clash = {k: v for k, v in overrides.items() if getattr(cfg, k) != v}
+    if clash:
+        raise ValueError(f"{path} is a training checkpoint trained with " + ", ".join(
+            f"{k}={getattr(cfg, k)!r}" for k in clash) + "; the override " + ", ".join(
+            f"{k}={v!r}" for k, v in clash.items()) + " would load its weights into another model: drop it")
+    if weights not in ("ema", "model"):
+        raise ValueError(f"weights must be 'ema' or 'model', got {weights!r}")
+    model = create_model(cfg)
+    load_into(model, state[weights])
+    info = {"weights": weights}
+    try:
+        process = json.loads(state["train_config"]).get("process")
+    except (KeyError, TypeError, json.JSONDecodeError):
+        process = None
+    if process in ("flow", "ddpm"):
+        info["process"] = process
+    return model.eval(), info
+
+
+def load_model(path: str | os.PathLike, **overrides: Any):
+    """Load a model saved by `save_model`, an official checkpoint, or a training checkpoint (its EMA weights)."""
+    return load_model_and_info(path, **overrides)[0]
 
 
 # ------------------------------------------------------------------------ upcycling

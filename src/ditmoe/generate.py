@@ -7,7 +7,6 @@ images r, r + W, r + 2W, ...
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import dataclass
@@ -16,8 +15,6 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-
-from .config import ModelConfig
 
 
 @dataclass
@@ -28,54 +25,22 @@ class LoadedModel:
     source: str
 
 
-def _run_config_near(path: Path) -> dict[str, Any] | None:
-    for candidate in (path.parent / "config.json", path.parent.parent / "config.json"):
-        if candidate.exists():
-            try:
-                data = json.loads(candidate.read_text())
-            except json.JSONDecodeError:
-                continue
-            if isinstance(data, dict) and "train" in data:
-                return data
-    return None
-
-
 def load_for_sampling(ckpt: str | os.PathLike, weights: str = "ema", process: str | None = None,
                       device: str | torch.device = "cpu") -> LoadedModel:
     """Load a training checkpoint (.pt; EMA weights unless weights="model"), a model saved by this
-    package, or an official checkpoint, and work out which process (flow / ddpm) it was trained with.
+    package, or an official checkpoint, and work out which process (flow / ddpm) it was trained with:
+    `process` when given, else what the file records (training checkpoints, files written by
+    `ditmoe convert`), else the config.json of the run it sits in, else "ddpm" (the official
+    DDPM checkpoints; pass process="flow" for the released rectified-flow ones).
     """
-    from .convert import load_into, load_model
-    from .registry import create_model
-    from .train.checkpoint import load_checkpoint
+    from .convert import load_model_and_info, run_process_near
 
+    if process not in (None, "flow", "ddpm"):
+        raise ValueError(f"process must be 'flow' or 'ddpm', got {process!r}")
     path = Path(ckpt)
-    if not path.exists():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    run_process = None
-    if path.suffix == ".pt":
-        state = load_checkpoint(path)
-        if isinstance(state, dict) and state.get("format") == "ditmoe-train":
-            cfg = ModelConfig.from_json(state["model_config"])
-            if weights not in ("ema", "model"):
-                raise ValueError(f"weights must be 'ema' or 'model', got {weights!r}")
-            model = create_model(cfg)
-            load_into(model, state[weights])
-            run_process = json.loads(state["train_config"]).get("process")
-            return LoadedModel(model.eval().to(device), process or run_process or "ddpm", weights, str(path))
-    model = load_model(path)
-    label = "file"
-    if path.suffix == ".safetensors":
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as f:
-            label = (f.metadata() or {}).get("weights", "file")  # "ema" for a run's model_ema.safetensors
-    run = _run_config_near(path)
-    if run is not None:
-        run_process = run["train"].get("process")
-    if process is None and run_process is None:
-        process = "ddpm"  # the official DDPM checkpoints; pass --process flow for the released RF ones
-    return LoadedModel(model.eval().to(device), process or run_process, label, str(path))
+    model, info = load_model_and_info(path, weights)
+    process = process or info.get("process") or run_process_near(path) or "ddpm"
+    return LoadedModel(model.eval().to(device), process, info["weights"], str(path))
 
 
 def image_noise(indices: list[int], shape: tuple[int, ...], seed: int, device: torch.device) -> torch.Tensor:
@@ -104,6 +69,10 @@ def generate(model: torch.nn.Module, process: str, labels: torch.Tensor, *, samp
     from .samplers import PROCESS_SAMPLERS, sample
 
     sampler = sampler or PROCESS_SAMPLERS[process][0]
+    if steps is not None and steps < 1:
+        raise ValueError(f"steps must be at least 1 (None = the sampler's default), got {steps}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     steps = steps or default_steps(sampler)
     cfg = model.config
     device = next(model.parameters()).device
@@ -177,7 +146,11 @@ def save_npz(images: np.ndarray, labels: np.ndarray, path: str | os.PathLike) ->
     from .convert import atomic_write
 
     path = Path(path)
-    atomic_write(path, lambda tmp: np.savez(open(tmp, "wb"), arr_0=images, arr_1=labels))
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:  # a file object stops numpy from appending ".npz" to the name
+            np.savez(f, arr_0=images, arr_1=labels)
+
+    atomic_write(path, write)
     return path
 
 
@@ -193,4 +166,8 @@ def parse_classes(spec: str, num_classes: int, per_class: int) -> torch.Tensor:
         bad = [c for c in classes if not 0 <= c < num_classes]
         if bad:
             raise ValueError(f"classes {bad} out of range: this model has classes 0..{num_classes - 1}")
+        if not classes:
+            raise ValueError(f"--classes {spec!r} names no class: pass 'all' or comma-separated ids such as 1,7")
+    if per_class < 1:
+        raise ValueError(f"--per-class must be at least 1, got {per_class}")
     return torch.tensor([c for c in classes for _ in range(per_class)], dtype=torch.long)

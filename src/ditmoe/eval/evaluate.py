@@ -141,8 +141,26 @@ def evaluate(samples: Source, ref: Source, extractor: Union[str, FeatureExtracto
     images, file_labels = _load_images(samples)
     if labels is None:
         labels = file_labels
+    if len(images) < 2:
+        raise ValueError(f"{len(images)} sample image(s): FID and the other metrics need at least 2 (thousands "
+                         "for numbers worth comparing)")
     ext = get_extractor(extractor, images, device=device, batch_size=batch_size,
                         mnist_classifier_path=mnist_classifier_path, inception_weights=inception_weights)
+    from .mnist_classifier import MNISTClassifierExtractor
+
+    lab = None
+    if labels is not None and isinstance(ext, MNISTClassifierExtractor):
+        # Checked before any feature is computed: a label the classifier cannot predict would
+        # only lower the class agreement silently.
+        lab = np.asarray(labels.cpu() if hasattr(labels, "cpu") else labels).astype(np.int64).reshape(-1)
+        if len(lab) != len(images):
+            raise ValueError(f"{len(lab)} labels for {len(images)} samples")
+        num_classes = ext.num_classes
+        bad = lab[(lab < 0) | (lab >= num_classes)]
+        if len(bad):
+            raise ValueError(f"{len(bad)} label(s) outside the classifier's classes 0..{num_classes - 1} "
+                             f"(e.g. {sorted(set(bad.tolist()))[:5]}): the labels (arr_1) must be the class each "
+                             "sample was asked for")
     feats = ext(images, progress=progress)
     refs = _reference(ref, ext, k, progress)
 
@@ -160,12 +178,7 @@ def evaluate(samples: Source, ref: Source, extractor: Union[str, FeatureExtracto
     if "features" in refs and len(feats["pool"]) > k and len(refs["features"]) > k:
         result["precision"], result["recall"] = precision_recall(refs["features"], feats["pool"], k=k,
                                                                  real_radii=refs.get("radii"))
-    from .mnist_classifier import MNISTClassifierExtractor
-
-    if labels is not None and isinstance(ext, MNISTClassifierExtractor):
-        lab = np.asarray(labels.cpu() if hasattr(labels, "cpu") else labels).astype(np.int64).reshape(-1)
-        if len(lab) != len(images):
-            raise ValueError(f"{len(lab)} labels for {len(images)} samples")
+    if lab is not None:
         result["class_agreement"] = float((feats["logits"].argmax(1) == lab).mean())
     return result
 

@@ -147,6 +147,11 @@ class MNISTClassifierExtractor(FeatureExtractor):
             model = load_mnist_classifier(model, device=self.device)
         self.model = model.to(self.device).eval()
 
+    @property
+    def num_classes(self) -> int:
+        """How many classes the classifier predicts (labels 0..num_classes - 1)."""
+        return self.model.fc2.out_features
+
     def _forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         feats = self.model.features(mnist_to_input(images))
         return {"pool": feats, "logits": self.model.head(feats)}
