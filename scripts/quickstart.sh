@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The main job: train a small DiT-MoE on the embedded MNIST, sample a 10x10 grid (one row per
-# class), evaluate it, and analyse which experts fire. Everything goes under OUT.
+# class), evaluate it, analyse which experts fire, and gather it all in OUT/report.html.
 #   bash scripts/quickstart.sh [OUT]        (default OUT: runs/quickstart)
 # Safe to run twice: training resumes from (or stops at) the last checkpoint in OUT.
 set -euo pipefail
@@ -24,6 +24,10 @@ ditmoe eval --samples "$OUT/real_500.npz" --ref mnist --out "$OUT/eval_real_floo
 ditmoe analyze --ckpt "$OUT/model_ema.safetensors" --out "$OUT/analysis" --per-class 10 \
     --sampler euler --steps 50 --cfg-scale 2.0
 
+# One self-contained page with all of the above (settings, curves, expert load, grid, FID, findings).
+ditmoe report "$OUT"
+
 echo "quickstart finished in $(( ($(date +%s) - start) / 60 )) min; outputs in $OUT:"
+echo "  open first: $OUT/report.html   (one page: settings, curves, expert load, samples, eval, routing)"
 echo "  samples/grid.png   eval.json (real-data floor: eval_real_floor.json)   analysis/report.md"
 echo "  metrics.csv   expert_load.csv   model_ema.safetensors   checkpoints/"

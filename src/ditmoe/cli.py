@@ -157,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _register_heavy_commands() -> None:
     """Commands defined in other modules register themselves on import (kept cheap: no torch)."""
-    from . import commands, commands_generate  # noqa: F401
+    from . import commands, commands_generate, commands_report  # noqa: F401
 
 
 def main(argv: list[str] | None = None) -> int:
