@@ -134,6 +134,16 @@ def test_resume_drops_log_rows_after_the_checkpoint(run_copy):
     assert loads == [1, 1, 2, 2, 3, 3]  # two MoE layers per step, each step once
 
 
+def test_resume_auto_after_a_kill_before_the_first_checkpoint_starts_the_logs_over(run_copy, capsys):
+    for name in ("checkpoints", "model_ema.safetensors", "model_ema.json", "train_summary.json"):
+        p = run_copy / name
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+    assert train(run_copy, "--resume", "auto", "--grad-clip", "1.0", steps=1) == 0
+    assert "no checkpoint in" in capsys.readouterr().out
+    assert csv_steps(run_copy / "metrics.csv") == [1]
+    assert "grad_norm" in (run_copy / "metrics.csv").read_text().splitlines()[0]  # a new header for the new run
+
+
 # ------------------------------------------------------------------ numbers
 def test_zero_intervals_mean_only_at_the_end(tmp_path, capsys):
     out = tmp_path / "run"

@@ -223,7 +223,10 @@ class Trainer:
 
         world = self.dist.world
         micro = cfg.micro_batch or cfg.global_batch // world
-        if micro == 0 or cfg.global_batch % (world * micro):
+        if cfg.global_batch < world:
+            raise ValueError(f"global_batch {cfg.global_batch} is smaller than the {world} processes; each needs at "
+                             f"least one image per step (--global-batch {world} or more)")
+        if cfg.global_batch % (world * micro):
             raise ValueError(f"global_batch {cfg.global_batch} is not divisible by {world} processes x micro_batch {micro}")
         self.micro_batch = micro
         self.accum = cfg.global_batch // (world * micro)

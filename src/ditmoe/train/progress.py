@@ -61,7 +61,9 @@ def truncate_log(path: Path, step: int) -> int:
             kept.append(line)
         else:
             dropped += 1
-    if dropped:
+    if len(kept) == 1:  # no row left: the next writer starts the file, header included, afresh
+        path.unlink()
+    elif dropped:
         tmp = path.with_name(f".{path.name}.truncate.tmp")
         with open(tmp, "w", newline="") as f:
             f.write("".join(kept))
