@@ -457,3 +457,31 @@ def test_read_state_dict_messages_for_the_api(tmp_path):
         read_state_dict(tmp_path / "e.safetensors")
     with pytest.raises(ValueError, match="is a folder"):
         read_state_dict(tmp_path)
+
+
+def test_upcycle_of_a_dense_training_checkpoint_keeps_config_and_process(tmp_path, capsys):
+    dense = ditmoe.create_model("debug-dense", input_size=8, timestep_scale=1000.0)  # flow runs' time convention
+    sd = {k: v.clone() for k, v in dense.state_dict().items()}
+    ckpt = tmp_path / "step_0000001.pt"
+    torch.save({"format": "ditmoe-train", "model": sd, "ema": sd, "model_config": dense.config.to_json(),
+                "train_config": json.dumps({"process": "flow"})}, ckpt)
+    rc, err = _run(capsys, "upcycle", ckpt, tmp_path / "moe.safetensors", "--experts", "2", "--top-k", "1")
+    assert rc == 0, err
+    loaded = load_for_sampling(tmp_path / "moe.safetensors")
+    assert loaded.process == "flow" and loaded.model.config.timestep_scale == 1000.0
+    assert loaded.model.config.name.startswith("debug-dense-upcycled")
+    assert loaded.model.config.num_experts == 2
+    rc, err = _run(capsys, "upcycle", ckpt, tmp_path / "moe2.safetensors", "--experts", "2", "--top-k", "3")
+    assert rc == 2 and "--top-k" in err and not (tmp_path / "moe2.safetensors").exists()
+
+
+def test_ditmoe_debug_shows_the_traceback(ema_file, tmp_path, monkeypatch):
+    import ditmoe.convert
+
+    def full(model, path, **kw):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(ditmoe.convert, "save_model", full)
+    monkeypatch.setenv("DITMOE_DEBUG", "1")
+    with pytest.raises(OSError, match="No space left"):
+        main(["convert", str(ema_file), str(tmp_path / "c.safetensors")])

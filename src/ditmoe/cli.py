@@ -129,13 +129,19 @@ def _upcycle_args(p: argparse.ArgumentParser) -> None:
 
 @command("upcycle", "turn a dense DiT checkpoint into a DiT-MoE (experts copied from the dense MLP)")(_upcycle_args)
 def _upcycle(args: argparse.Namespace) -> int:
-    from .convert import check_checkpoint_path, check_output_file, save_model, upcycle
+    from .convert import (check_checkpoint_path, check_output_file, load_model_and_info, run_process_near,
+                          save_model, upcycle)
 
     check_checkpoint_path(args.src, "SRC")
     check_output_file(args.dst, "DST", suffix=".safetensors")
-    model = upcycle(args.src, num_experts=args.experts, top_k=args.top_k, norm_topk=not args.no_renormalize,
+    if args.experts < 1 or not 1 <= args.top_k <= args.experts:
+        raise ValueError(f"--experts must be at least 1 and --top-k between 1 and --experts, got --experts "
+                         f"{args.experts} --top-k {args.top_k}")
+    dense, info = load_model_and_info(args.src)
+    process = info.get("process") or run_process_near(args.src)  # the upcycled model keeps the dense one's
+    model = upcycle(dense, num_experts=args.experts, top_k=args.top_k, norm_topk=not args.no_renormalize,
                     shared_hidden=args.shared_hidden, router_std=args.router_std, noise_std=args.noise, seed=args.seed)
-    save_model(model, args.dst)
+    save_model(model, args.dst, extra_meta={"process": process} if process else None)
     print(f"wrote {args.dst}: {model.config.name} ({args.experts} experts, top-{args.top_k})")
     return 0
 

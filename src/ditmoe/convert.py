@@ -594,6 +594,9 @@ def upcycle(dense_src, num_experts: int = 8, top_k: int = 2, norm_topk: bool = T
     N(0, router_std), and optional Gaussian noise (relative std `noise_std`) breaks expert symmetry.
     With `norm_topk=True` and no shared expert the result computes exactly the dense function.
     """
+    if not isinstance(dense_src, (torch.nn.Module, Mapping)):
+        # A file: read like any checkpoint, so a training checkpoint keeps its recorded config.
+        dense_src = load_model_and_info(dense_src)[0]
     if isinstance(dense_src, torch.nn.Module):
         sd, cfg = dense_src.state_dict(), dense_src.config
     else:
