@@ -370,10 +370,11 @@ def _umask() -> int:
 
 
 def _is_torch_write_failure(e: BaseException) -> bool:
-    """torch.save's zip writer reports a failed write (a full disk) as a RuntimeError."""
-    text = str(e)
-    return isinstance(e, RuntimeError) and ("inline_container" in text or "PytorchStreamWriter failed writing" in text
-                                            or "file write failed" in text)
+    """torch.save's zip writer reports a failed write (a full disk) as a RuntimeError; errors that
+    already explain themselves (and only quote torch's) are left as they are."""
+    text = str(e).lstrip()
+    return isinstance(e, RuntimeError) and text.startswith(("[enforce fail at inline_container",
+                                                            "PytorchStreamWriter failed writing"))
 
 
 def disk_write_error(path: str | os.PathLike, e: BaseException) -> OSError:
