@@ -8,6 +8,7 @@ import torch
 
 from ditmoe.cli import main
 from ditmoe.generate import generate, image_noise, load_for_sampling
+from tolerances import TINY_DIT_CHAIN, TINY_DIT_K, assert_close_fp32
 
 
 @pytest.fixture(scope="module")
@@ -38,10 +39,12 @@ def test_each_image_is_independent_of_batch_size(tiny_run):
     labels = torch.tensor([0, 1, 2, 3, 4])
     a = generate(loaded.model, loaded.process, labels, steps=3, cfg_scale=2.0, seed=5, batch_size=5, progress=False)
     b = generate(loaded.model, loaded.process, labels, steps=3, cfg_scale=2.0, seed=5, batch_size=2, progress=False)
-    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    # Other batch sizes may block the fp32 products differently: three Euler steps of the "debug"
+    # DiT (the fixtures' shape), each its fp32 chain, norm-relative (tolerances.py).
+    assert_close_fp32(b, a, TINY_DIT_K, 3 * TINY_DIT_CHAIN, "batch 2 vs 5")
     # Image 3 drawn alone, as rank 1 of 2 would draw it, matches image 3 of the full run.
     c = generate(loaded.model, loaded.process, labels[3:4], steps=3, cfg_scale=2.0, seed=5, indices=[3], progress=False)
-    torch.testing.assert_close(c[0], a[3], rtol=1e-5, atol=1e-6)
+    assert_close_fp32(c[0], a[3], TINY_DIT_K, 3 * TINY_DIT_CHAIN, "image 3 alone")
     assert not torch.equal(image_noise([0], (1, 8, 8), 5, torch.device("cpu")),
                            image_noise([1], (1, 8, 8), 5, torch.device("cpu")))
 
