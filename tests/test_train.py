@@ -159,8 +159,17 @@ def test_unknown_model_name_is_a_clear_cli_error(tmp_path, capsys):
 def test_truncated_checkpoint_is_reported(tmp_path):
     bad = tmp_path / "step_0000001.pt"
     bad.write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match="could not be read"):
+    with pytest.raises(ValueError, match="not a readable torch checkpoint") as err:
         load_checkpoint(bad)
+    assert "Older checkpoints in" in str(err.value) and "weights_only=False" not in str(err.value)
+
+
+def test_unsafe_checkpoint_is_refused_as_unsafe_not_truncated(tmp_path):
+    bad = tmp_path / "step_0000001.pt"
+    torch.save({"step": 1, "payload": print}, bad)  # a global the weights-only unpickler refuses
+    with pytest.raises(ValueError, match="holds Python objects other than tensors") as err:
+        load_checkpoint(bad)
+    assert "truncated" not in str(err.value) and "weights_only=False" not in str(err.value)
 
 
 def test_train_help_lists_every_option_with_default(capsys):

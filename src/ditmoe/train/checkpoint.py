@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..convert import atomic_write
+from ..convert import atomic_write, torch_load_weights_only
 
 _NAME = re.compile(r"^step_(\d+)\.pt$")
 
@@ -93,11 +93,8 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
                          "with --out RUN to continue from the newest checkpoint of RUN")
     if path.suffix == ".safetensors":
         raise ValueError(_not_a_training_checkpoint(path, "it is a weights file (safetensors)"))
-    try:
-        state = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"checkpoint {path} could not be read ({type(e).__name__}: {e}); it may be truncated. "
-                         f"Older checkpoints in {path.parent} are still usable.") from e
+    # Unsafe pickles are refused as such; unreadable files point at the older checkpoints.
+    state = torch_load_weights_only(path, corrupt_hint=f"Older checkpoints in {path.parent} are still usable")
     missing = [k for k in ("step", "model", "optimizer", "model_config", "train_config") if not isinstance(state, dict) or k not in state]
     if missing:
         raise ValueError(_not_a_training_checkpoint(path, f"it lacks {', '.join(missing)}"))
