@@ -228,6 +228,12 @@ def check_field_types(cls: type, values: dict[str, Any], where: str) -> dict[str
 PROCESSES = ("flow", "ddpm")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 PARALLEL_MODES = ("none", "ddp", "fsdp", "ep", "ep_fsdp", "zero2", "zero3")
+LOGGERS = ("csv", "tensorboard", "wandb")  # CSV files are written under every choice
+
+
+def logger_kinds(logger: str) -> list[str]:
+    """The loggers named by a TrainConfig.logger value such as "tensorboard,wandb"."""
+    return [k.strip() for k in logger.split(",") if k.strip()]
 
 
 @dataclass
@@ -265,7 +271,8 @@ class TrainConfig:
     keep_last: int = 2  # checkpoints kept on disk
     resume: str = ""  # "" (fresh; refused if out holds a run), "auto" (the newest checkpoint in out/checkpoints; where there is none, a new run starts and says so) or a checkpoint path
     overwrite: bool = False  # start afresh in an out folder that holds a run, deleting that run's checkpoints, logs and weights (other files stay)
-    logger: str = "csv"  # "csv" or "tensorboard" (needs the tensorboard package)
+    logger: str = "tensorboard"  # metrics.csv and expert_load.csv always; "tensorboard" adds OUT/tensorboard, "wandb" Weights & Biases (pip install wandb; WANDB_MODE=offline works without an account), "tensorboard,wandb" both, "csv" nothing more
+    sample_every: int = 0  # steps between preview grids from the EMA weights (OUT/previews/step_XXXXXXX.png and the logger; also at the last step); 0 = off
     # rectified flow
     time_dist: str = "logit_normal"
     time_mean: float = 0.0
@@ -299,7 +306,7 @@ class TrainConfig:
         if not self.data.strip():
             problems.append("data must name a dataset (mnist, digits), an image folder or a latent cache")
         for name, low in (("steps", 1), ("global_batch", 1), ("micro_batch", 0), ("warmup_steps", 0),
-                          ("num_workers", 0), ("log_every", 0), ("ckpt_every", 0), ("keep_last", 1),
+                          ("num_workers", 0), ("log_every", 0), ("ckpt_every", 0), ("keep_last", 1), ("sample_every", 0),
                           ("diffusion_steps", 1)):
             if getattr(self, name) < low:
                 problems.append(f"{name} must be >= {low}, got {getattr(self, name)}")
@@ -331,8 +338,17 @@ class TrainConfig:
             problems.append(f"time_dist {self.time_dist!r} is not 'logit_normal' or 'uniform'")
         if self.noise_schedule not in ("linear", "cosine"):
             problems.append(f"noise_schedule {self.noise_schedule!r} is not 'linear' or 'cosine'")
-        if self.logger not in ("csv", "tensorboard"):
-            problems.append(f"logger {self.logger!r} is not 'csv' or 'tensorboard'")
+        bad = [k for k in logger_kinds(self.logger) if k not in LOGGERS]
+        if bad or not logger_kinds(self.logger):
+            problems.append(f"logger {self.logger!r} is not one of {LOGGERS} or a comma-separated list of them "
+                            "(e.g. 'tensorboard,wandb')")
+        elif "wandb" in logger_kinds(self.logger):
+            import importlib.util
+
+            if importlib.util.find_spec("wandb") is None:
+                from .train.progress import WANDB_MISSING
+
+                problems.append(WANDB_MISSING)
         if self.overwrite and self.resume == "auto":
             problems.append("overwrite and resume 'auto' contradict each other: --resume auto continues the run "
                             "in --out, --overwrite true deletes it; give one of them")

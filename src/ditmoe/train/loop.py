@@ -474,6 +474,38 @@ class Trainer:
             return self.cfg.lr * (step + 1) / self.cfg.warmup_steps
         return self.cfg.lr
 
+    # ------------------------------------------------------------------ previews
+    def _preview_writer(self):
+        """The run's PreviewWriter (every rank; only rank 0 writes), or None with sample_every 0."""
+        if not self.cfg.sample_every:
+            return None
+        from .previews import PreviewWriter, latent_decoder
+
+        decode = latent_decoder(self.data_info, self.dist.device) if self.data_info.is_latent else None
+        return PreviewWriter(self.out, self.cfg.process, self.model_cfg.num_classes, self.autocast_dtype, decode)
+
+    def _write_preview(self, previews, logger: RunLogger) -> None:
+        """One preview grid from the EMA weights, written by rank 0.
+
+        Under "none" / "ddp" rank 0 holds the whole EMA model and samples it; the sharded layouts
+        first gather the EMA state (a collective: every rank takes part) into a plain model kept on
+        rank 0 for the next previews. Its creation and the sampling run inside the preview's RNG guard.
+        """
+        from .previews import preserved_rng
+
+        if self.deepspeed is None and self.cfg.parallel in ("none", "ddp"):
+            if self.dist.is_main:
+                previews.write(self.ema.model, self.step, logger)
+            return
+        state = self.full_ema_state()
+        if not self.dist.is_main:
+            return
+        if getattr(self, "_preview_model", None) is None:
+            with preserved_rng():
+                self._preview_model = create_model(self.model_cfg).to(self.dist.device).eval()
+        self._preview_model.load_state_dict(state)
+        previews.write(self._preview_model, self.step, logger)
+
     # ------------------------------------------------------------------ the loop
     def run(self) -> dict[str, Any]:
         """Train to cfg.steps, write the final checkpoint and EMA weights; the folder's lock is then given up."""
@@ -491,7 +523,9 @@ class Trainer:
         loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=sampler, num_workers=cfg.num_workers,
                                              persistent_workers=cfg.num_workers > 0,
                                              generator=torch.Generator().manual_seed(cfg.seed))
-        logger = RunLogger(self.out, enabled=dist.is_main, kind=cfg.logger, start_step=self.step)
+        previews = self._preview_writer()  # before the logger: a latent run without its VAE fails here
+        logger = RunLogger(self.out, enabled=dist.is_main, kind=cfg.logger, start_step=self.step,
+                           config={"train": cfg.to_dict(), "model": self.model_cfg.to_dict()})
         if dist.is_main:
             _write_json(self.out / "config.json", {"train": cfg.to_dict(), "model": self.model_cfg.to_dict()})
         tracker = ExpertLoadTracker(self.model)
@@ -526,6 +560,10 @@ class Trainer:
                     progress.set(last)
                     sums = {k: 0.0 for k in sums}
                     n_in_window, window_t, window_imgs = 0, now, 0
+                if previews is not None and (self.step % cfg.sample_every == 0 or self.step == cfg.steps):
+                    t_preview = time.perf_counter()
+                    self._write_preview(previews, logger)
+                    window_t += time.perf_counter() - t_preview  # images/s counts training time only
                 progress.update(self.step)
                 if cfg.ckpt_every and self.step % cfg.ckpt_every == 0 and self.step < cfg.steps:
                     self.save()
@@ -540,6 +578,9 @@ class Trainer:
             "precision": str(self.autocast_dtype or "fp32"), "accumulation": self.accum, "world_size": dist.world,
             "model": self.model_cfg.name, "parameters": self.num_parameters,
         }
+        if previews is not None and previews.seconds:
+            summary["previews"] = {"count": len(previews.seconds),
+                                   "seconds_each": sum(previews.seconds) / len(previews.seconds)}
         if dist.is_main:
             from ..convert import save_model
 

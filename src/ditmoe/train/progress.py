@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import csv
+import os
 import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 
@@ -72,27 +74,41 @@ def truncate_log(path: Path, step: int) -> int:
 
 
 class RunLogger:
-    """metrics.csv (one row per log step) and expert_load.csv (step, layer, one column per expert);
-    optionally TensorBoard scalars as well.
+    """metrics.csv (one row per log step) and expert_load.csv (step, layer, one column per expert),
+    plus TensorBoard and / or Weights & Biases where `kind` names them ("tensorboard", "wandb",
+    "tensorboard,wandb"; "csv" for the CSV files only).
 
-    `start_step`: the step the run starts at; rows (and TensorBoard events) after it, left by an
-    earlier attempt that was stopped after its last checkpoint, are removed.
+    TensorBoard gets every metric as a scalar `train/<name>`, per-layer expert load as a histogram
+    `expert_load/layer_XX` (balanced routing: every expert's fraction near 1/E) and as an image
+    `expert_load/layers_x_experts` (rows layers, columns experts), and the preview grids.
+
+    `start_step`: the step the run starts at; rows, TensorBoard events and preview images after
+    it, left by an earlier attempt that was stopped after its last checkpoint, are removed.
     """
 
-    def __init__(self, out: Path, enabled: bool, kind: str = "csv", start_step: int = 0):
+    def __init__(self, out: Path, enabled: bool, kind: str = "tensorboard", start_step: int = 0,
+                 config: dict[str, Any] | None = None):
+        from ..config import logger_kinds
+
         self.enabled, self.out = enabled, Path(out)
-        self._metrics_file = self._load_file = self._tb = None
+        self._metrics_file = self._load_file = self._tb = self._wandb = None
         self._metric_keys: list[str] | None = None
         if not enabled:
             return
+        kinds = logger_kinds(kind)
         self.out.mkdir(parents=True, exist_ok=True)
+        if "wandb" in kinds:  # first: a missing package fails before any log is touched
+            self._wandb = _start_wandb(self.out, start_step, config)
         for name in ("metrics.csv", "expert_load.csv"):
             truncate_log(self.out / name, start_step)
-        if kind == "tensorboard":
+        truncate_previews(self.out / "previews", start_step)
+        if "tensorboard" in kinds:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError as e:
-                raise ValueError("logger 'tensorboard' needs the tensorboard package: pip install tensorboard") from e
+                raise ValueError("logger 'tensorboard' needs the tensorboard package: pip install tensorboard "
+                                 "(or train with --logger csv)") from e
+            # purge_step drops the events of steps after the resumed one that an earlier attempt wrote.
             self._tb = SummaryWriter(str(self.out / "tensorboard"), purge_step=start_step + 1 if start_step else None)
 
     def log(self, step: int, metrics: dict[str, float], loads: dict[int, list[float]]) -> None:
@@ -124,6 +140,26 @@ class RunLogger:
         if self._tb is not None:
             for k, v in metrics.items():
                 self._tb.add_scalar(f"train/{k}", v, step)
+            for layer, fr in loads.items():
+                self._tb.add_histogram(f"expert_load/layer_{layer:02d}", torch.tensor(fr, dtype=torch.float64), step)
+            if loads:
+                self._tb.add_image("expert_load/layers_x_experts", load_heatmap(loads), step, dataformats="HWC")
+            self._tb.flush()
+        if self._wandb is not None:
+            row: dict[str, Any] = {f"train/{k}": v for k, v in metrics.items()}
+            if loads:
+                row["expert_load/layers_x_experts"] = self._wandb.Image(load_heatmap(loads))
+            self._wandb.log(row, step=step)
+
+    def log_image(self, tag: str, step: int, image: np.ndarray) -> None:
+        """A uint8 (H, W, C) image (C = 1 or 3) to TensorBoard / W&B at `step`."""
+        if not self.enabled:
+            return
+        if self._tb is not None:
+            self._tb.add_image(tag, image, step, dataformats="HWC")
+            self._tb.flush()
+        if self._wandb is not None:
+            self._wandb.log({tag: self._wandb.Image(image[..., 0] if image.shape[-1] == 1 else image)}, step=step)
 
     def close(self) -> None:
         for f in (self._metrics_file, self._load_file):
@@ -131,6 +167,65 @@ class RunLogger:
                 f.close()
         if self._tb is not None:
             self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+
+
+WANDB_MISSING = ("logger 'wandb' needs the wandb package, which the default install leaves out: pip install wandb "
+                 "(WANDB_MODE=offline logs without an account; `wandb sync` uploads later), or train with "
+                 "--logger tensorboard")
+
+
+def _start_wandb(out: Path, start_step: int, config: dict[str, Any] | None):
+    """A W&B run in OUT/wandb (WANDB_MODE=offline and the other WANDB_* variables apply).
+
+    The run id is kept in OUT/wandb/ditmoe_run_id: a resumed run (start_step > 0) continues the
+    same W&B run, a fresh one starts a new id.
+    """
+    try:
+        import wandb
+    except ImportError as e:
+        raise ValueError(WANDB_MISSING) from e
+    import secrets
+
+    folder = out / "wandb"
+    folder.mkdir(parents=True, exist_ok=True)
+    id_file = folder / "ditmoe_run_id"
+    run_id = id_file.read_text().strip() if start_step and id_file.exists() else ""
+    if not run_id:
+        run_id = secrets.token_hex(4)
+        id_file.write_text(run_id + "\n")
+    return wandb.init(project=os.environ.get("WANDB_PROJECT", "ditmoe"), name=out.resolve().name, id=run_id,
+                      resume="allow", dir=str(out), config=config or {})
+
+
+def load_heatmap(loads: dict[int, list[float]], cell: int = 8) -> np.ndarray:
+    """uint8 (H, W, 3) image of per-layer expert load: one row per MoE layer, one column per expert.
+
+    Colour is load x num_experts on a fixed scale (viridis, 0 to 2): the balanced 1/E is the
+    middle of the scale, so images of different steps compare directly.
+    """
+    from matplotlib import colormaps
+
+    rows = np.array([loads[k] for k in sorted(loads)], dtype=np.float64)
+    rel = np.clip(rows * rows.shape[1] / 2.0, 0.0, 1.0)
+    rgb = (colormaps["viridis"](rel)[..., :3] * 255).round().astype(np.uint8)
+    return rgb.repeat(cell, axis=0).repeat(cell, axis=1)
+
+
+def truncate_previews(folder: Path, step: int) -> int:
+    """Delete preview grids `step_XXXXXXX.png` of a step after `step`; returns how many."""
+    removed = 0
+    if folder.is_dir():
+        for p in folder.glob("step_*.png"):
+            try:
+                later = int(p.stem.split("_", 1)[1]) > step
+            except ValueError:
+                continue
+            if later:
+                p.unlink(missing_ok=True)
+                removed += 1
+    return removed
 
 
 def _csv_header(path: Path) -> list[str] | None:
