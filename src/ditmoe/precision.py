@@ -8,8 +8,8 @@
   oneDNN emulates bf16 products through fp32 and autocast only adds casts.
 - CPU with them: a short measured probe, once per machine and model shape. One block-shaped
   forward + backward (adaLN-modulated attention and a gated MLP as wide as the model's activated
-  experts) at the model's width and sequence length is timed in fp32 and under bf16 autocast,
-  interleaved; bf16 is chosen only when its best time is below ``BF16_MARGIN`` times fp32's.
+  experts) at the model's width (at most 512) and sequence length is timed in fp32 and under
+  bf16 autocast, interleaved; bf16 is chosen only when its best time is below ``BF16_MARGIN`` times fp32's.
   Whether bf16 pays depends on the matrix units (AMX or AVX-512 BF16) and on the width: the
   products gain, the per-op casts cost, and the products' share grows with the width.
   The result is cached in ``<cache dir>/precision.json`` (``$DITMOE_CACHE`` or ``~/.cache/ditmoe``),
@@ -43,6 +43,7 @@ __all__ = [
     "ProbeShape",
     "cache_file",
     "decide",
+    "decide_cpu",
     "probe_cpu",
     "probe_shape",
     "resolve_precision",
