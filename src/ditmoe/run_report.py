@@ -614,8 +614,8 @@ def _summary_line(run: Path, config: Any, summary: Any, metrics: dict[str, np.nd
         total = train.get("steps") if isinstance(train, dict) else None
         facts.append(("steps", f"{steps_done:,}" + (f" of {total:,}" if total and total != steps_done else "")))
     if summary.get("seconds"):
-        facts.append(("time", f"{summary['seconds'] / 60:.1f} min" + (" (last session)" if
-                      summary.get("steps_this_run") not in (None, summary.get("steps")) else "")))
+        resumed = summary.get("steps_this_run") not in (None, summary.get("steps"))
+        facts.append(("time of last session" if resumed else "time", f"{summary['seconds'] / 60:.1f} min"))
     if metrics and "loss" in metrics and _finite(metrics["loss"]):
         facts.append(("final loss", f"{metrics['loss'][np.isfinite(metrics['loss'])][-1]:.4f}"))
     ips = summary.get("images_per_s")
@@ -633,7 +633,7 @@ color:#1d2330;line-height:1.45}
 main{max-width:1120px;margin:0 auto;padding:24px 28px 48px}
 header h1{margin:0 0 2px;font-size:26px} header .sub{color:#5b6475;font-size:13px;margin-bottom:14px}
 .facts{display:flex;flex-wrap:wrap;gap:8px;margin:10px 0 8px}
-.fact{background:#fff;border:1px solid #dde1e8;border-radius:8px;padding:6px 12px;min-width:90px}
+.fact{background:#fff;border:1px solid #dde1e8;border-radius:8px;padding:5px 11px}
 .fact span{display:block;font-size:11px;color:#6b7385;text-transform:uppercase;letter-spacing:.04em}
 .fact b{font-size:16px}
 nav{font-size:13px;margin:8px 0 4px} nav a{color:#1f5fa8;margin-right:14px;text-decoration:none}
@@ -643,7 +643,7 @@ h3{font-size:14px;margin:10px 0 6px}
 p{margin:6px 0 10px;font-size:14px}
 img{max-width:100%;height:auto;display:block}
 img.pix{image-rendering:pixelated;border:1px solid #dde1e8;background:#000}
-img.big{width:min(100%,520px)}
+img.big{width:min(100%,440px)}
 .kv{display:grid;grid-template-columns:repeat(auto-fill,minmax(200px,1fr));gap:0 18px;font-size:13px}
 .kv>div{display:flex;justify-content:space-between;gap:8px;border-bottom:1px solid #f0f2f5;padding:3px 0}
 .kv span{color:#5b6475} .kv code{font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;
@@ -653,7 +653,7 @@ table{border-collapse:collapse;font-size:13px}
 .grid-table .num{text-align:right;font-variant-numeric:tabular-nums}
 .grid-table tr:first-child th{background:#f4f5f7}
 details{margin-top:10px;font-size:13px} summary{cursor:pointer;color:#1f5fa8}
-.gallery{display:grid;grid-template-columns:repeat(auto-fill,minmax(160px,1fr));gap:12px}
+.gallery{display:grid;grid-template-columns:repeat(auto-fill,minmax(140px,180px));gap:12px}
 .gallery img{width:100%}
 figure{margin:0} figcaption{font-size:12px;color:#5b6475;margin-top:4px}
 .figures{display:grid;grid-template-columns:repeat(auto-fill,minmax(480px,1fr));gap:16px;margin-top:12px}
@@ -679,11 +679,11 @@ def render_run_report(run_dir: str | os.PathLike) -> str:
     metrics = read_metrics(run / "metrics.csv", notes) if (run / "metrics.csv").is_file() else {}
     sections = [s for s in (
         _config_section(config),
+        _samples_section(run, notes),  # results first, then how training went
+        _eval_section(run, notes),
         _curves_section(metrics),
         _load_section(run, notes),
         _previews_section(run),
-        _samples_section(run, notes),
-        _eval_section(run, notes),
         _analysis_section(run, notes),
     ) if s is not None]
     title = f"Run report: {run.resolve().name}"
