@@ -98,7 +98,7 @@ class RunLogger:
         kinds = logger_kinds(kind)
         self.out.mkdir(parents=True, exist_ok=True)
         if "wandb" in kinds:  # first: a missing package fails before any log is touched
-            self._wandb = _start_wandb(self.out, start_step, config)
+            self._wandb_lib, self._wandb = _start_wandb(self.out, start_step, config)
         for name in ("metrics.csv", "expert_load.csv"):
             truncate_log(self.out / name, start_step)
         truncate_previews(self.out / "previews", start_step)
@@ -148,7 +148,7 @@ class RunLogger:
         if self._wandb is not None:
             row: dict[str, Any] = {f"train/{k}": v for k, v in metrics.items()}
             if loads:
-                row["expert_load/layers_x_experts"] = self._wandb.Image(load_heatmap(loads))
+                row["expert_load/layers_x_experts"] = self._wandb_lib.Image(load_heatmap(loads))
             self._wandb.log(row, step=step)
 
     def log_image(self, tag: str, step: int, image: np.ndarray) -> None:
@@ -159,7 +159,7 @@ class RunLogger:
             self._tb.add_image(tag, image, step, dataformats="HWC")
             self._tb.flush()
         if self._wandb is not None:
-            self._wandb.log({tag: self._wandb.Image(image[..., 0] if image.shape[-1] == 1 else image)}, step=step)
+            self._wandb.log({tag: self._wandb_lib.Image(image[..., 0] if image.shape[-1] == 1 else image)}, step=step)
 
     def close(self) -> None:
         for f in (self._metrics_file, self._load_file):
@@ -177,7 +177,7 @@ WANDB_MISSING = ("logger 'wandb' needs the wandb package, which the default inst
 
 
 def _start_wandb(out: Path, start_step: int, config: dict[str, Any] | None):
-    """A W&B run in OUT/wandb (WANDB_MODE=offline and the other WANDB_* variables apply).
+    """The wandb module and a W&B run in OUT/wandb (WANDB_MODE=offline and the other WANDB_* variables apply).
 
     The run id is kept in OUT/wandb/ditmoe_run_id: a resumed run (start_step > 0) continues the
     same W&B run, a fresh one starts a new id.
@@ -195,8 +195,9 @@ def _start_wandb(out: Path, start_step: int, config: dict[str, Any] | None):
     if not run_id:
         run_id = secrets.token_hex(4)
         id_file.write_text(run_id + "\n")
-    return wandb.init(project=os.environ.get("WANDB_PROJECT", "ditmoe"), name=out.resolve().name, id=run_id,
-                      resume="allow", dir=str(out), config=config or {})
+    run = wandb.init(project=os.environ.get("WANDB_PROJECT", "ditmoe"), name=out.resolve().name, id=run_id,
+                     resume="allow", dir=str(out), config=config or {})
+    return wandb, run
 
 
 def load_heatmap(loads: dict[int, list[float]], cell: int = 8) -> np.ndarray:
