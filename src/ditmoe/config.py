@@ -266,10 +266,15 @@ class TrainConfig:
     seed: int = 0
     num_workers: int = 0  # data-loader worker processes (image folders benefit; in-memory MNIST does not)
     flip: bool = True  # random horizontal flips (image folders and latent caches; never for digits)
+    allow_upscale: bool = False  # image folders: upscale (bicubic) images smaller than the model input instead of refusing the folder
+    grayscale: bool = False  # image folders: read the images as one channel (L) instead of RGB
+    verify_images: str = "fast"  # image folders: check every file before training: "fast" (headers and structure), "full" (decode each image once; also finds truncated JPEGs) or "none"; unreadable files are left out and reported
     log_every: int = 50  # steps between log lines / CSV rows; 0 = one row, at the end
     ckpt_every: int = 1000  # steps between checkpoints; 0 = only the one always written at the end
     keep_last: int = 2  # checkpoints kept on disk
     resume: str = ""  # "" (fresh; refused if out holds a run), "auto" (the newest checkpoint in out/checkpoints; where there is none, a new run starts and says so) or a checkpoint path
+    init_from: str = ""  # start a new run (step 0, fresh optimizer, EMA = these weights) from a training checkpoint, a model file (model_ema.safetensors, ditmoe upcycle / convert output) or an official DiT-MoE / DiT checkpoint; its shapes must be the run's model's, apart from the class count and the input size
+    init_weights: str = "ema"  # with init_from a training checkpoint: its "ema" weights or the raw "model" ones
     overwrite: bool = False  # start afresh in an out folder that holds a run, deleting that run's checkpoints, logs and weights (other files stay)
     logger: str = "tensorboard"  # metrics.csv and expert_load.csv always; "tensorboard" adds OUT/tensorboard, "wandb" Weights & Biases (pip install wandb; WANDB_MODE=offline works without an account), "tensorboard,wandb" both, "csv" nothing more
     sample_every: int = 0  # steps between preview grids from the EMA weights (OUT/previews/step_XXXXXXX.png and the logger; also at the last step); 0 = off
@@ -349,6 +354,14 @@ class TrainConfig:
                 from .train.progress import WANDB_MISSING
 
                 problems.append(WANDB_MISSING)
+        if self.verify_images not in ("fast", "full", "none"):
+            problems.append(f"verify_images {self.verify_images!r} is not 'fast', 'full' or 'none'")
+        if self.init_weights not in ("ema", "model"):
+            problems.append(f"init_weights {self.init_weights!r} is not 'ema' or 'model'")
+        if self.init_from and self.resume:
+            problems.append(f"init_from and resume contradict each other: --resume continues a run from its checkpoint "
+                            f"(step, optimizer and all), --init-from starts a new run from weights; give one of them "
+                            f"(to continue a run that was started with --init-from, give --resume alone, with --init-from '')")
         if self.overwrite and self.resume == "auto":
             problems.append("overwrite and resume 'auto' contradict each other: --resume auto continues the run "
                             "in --out, --overwrite true deletes it; give one of them")

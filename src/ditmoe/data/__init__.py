@@ -147,4 +147,25 @@ def build_dataset(source: str | os.PathLike, **kw: Any) -> tuple["Dataset", Data
     )
 
 
-__all__ = ["build_dataset", "DatasetInfo", *sorted(_LAZY)]
+def folder_options(source: str | os.PathLike, allow_upscale: bool = False, grayscale: bool = False,
+                   verify: str = "fast") -> dict[str, Any]:
+    """`build_dataset` options for the image-folder settings of a training config.
+
+    An image folder gets them all; any other source gets none, and a non-default folder setting
+    for it is a ValueError (it would otherwise be silently ignored).
+    """
+    path = Path(str(source)).expanduser()
+    if path.is_dir():
+        return {"allow_upscale": allow_upscale, "channels": 1 if grayscale else 3, "verify": verify}
+    if str(source).lower() not in _NAMED and not path.is_file():
+        return {}  # build_dataset says that the source does not exist
+    given = [flag for flag, on in (("--allow-upscale true", allow_upscale), ("--grayscale true", grayscale),
+                                   (f"--verify-images {verify}", verify != "fast")) if on]
+    if given:
+        raise ValueError(f"{', '.join(given)} appl{'ies' if len(given) == 1 else 'y'} to image folders, but --data "
+                         f"{source} is not a folder (a built-in dataset or a latent cache, which is checked and "
+                         "sized when it is made); drop the option(s)")
+    return {}
+
+
+__all__ = ["build_dataset", "folder_options", "DatasetInfo", *sorted(_LAZY)]

@@ -209,13 +209,17 @@ class Trainer:
         self._claim_out_dir()
         resume_state = self._read_resume_state()
         check_fresh_run(self.out, cfg.resume, cfg.overwrite)
-        from ..data import build_dataset
+        from .init_from import read_init_source
+
+        init_source = read_init_source(cfg.init_from, cfg.init_weights, self.out, cfg.overwrite) if cfg.init_from else None
+        from ..data import build_dataset, folder_options
 
         # Image folders are resized to the model's input; read it from the registry before the
         # data exists (the data's channels and classes then fill in the rest).
         overrides = dict(model_overrides or {})
         size = overrides.get("input_size", get_config(cfg.model).input_size)
-        self.dataset, self.data_info = build_dataset(cfg.data, image_size=size, flip=cfg.flip)
+        self.dataset, self.data_info = build_dataset(cfg.data, image_size=size, flip=cfg.flip, **folder_options(
+            cfg.data, cfg.allow_upscale, cfg.grayscale, cfg.verify_images))
         self.model_cfg = resolve_model_config(cfg, overrides, self.data_info)
         if resume_state is not None:
             self._check_resume_model(resume_state)
@@ -233,6 +237,12 @@ class Trainer:
 
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         self.model = create_model(self.model_cfg).to(self.dist.device)
+        self.init_report = None
+        if init_source is not None:  # before the EMA copy and any sharding: both start from these weights
+            from .init_from import init_model
+
+            self.init_report = init_model(self.model, init_source, self.model_cfg, cfg.process, log=self.dist.is_main)
+            del init_source
         self.model.gradient_checkpointing = cfg.grad_checkpointing
         self.autocast_dtype = choose_precision(cfg.precision, self.dist.device, self.model_cfg)
         self.num_parameters = sum(p.numel() for p in self.model.parameters())  # before any sharding
