@@ -59,30 +59,57 @@ def _info(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------- convert
 def _convert_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("src", help="official checkpoint (.pt/.pth with or without an 'ema'/'model' wrapper, or .safetensors)")
-    p.add_argument("dst", help="output .safetensors (config JSON is written beside it)")
-    p.add_argument("--to", choices=["package", "official"], default="package",
-                   help="package: this package's format; official: the official key layout")
+    p.add_argument("src", help="checkpoint: official (.pt/.pth with or without an 'ema'/'model' wrapper, or "
+                   ".safetensors), this package's, a training checkpoint, or a model folder (ditmoe or diffusers)")
+    p.add_argument("dst", help="package / official: output .safetensors (config JSON beside it); "
+                   "folder / diffusers: output folder")
+    p.add_argument("--to", choices=["package", "official", "folder", "diffusers"], default="package",
+                   help="package: this package's .safetensors; official: the official key layout; folder: a "
+                   "ditmoe model folder (config.json + model.safetensors, any model); diffusers: a diffusers "
+                   "DiTTransformer2DModel folder (dense DiT only)")
+    p.add_argument("--from", dest="from_format", choices=["auto", "diffusers"], default="auto",
+                   help="auto: recognise SRC (a folder whose config.json names DiTTransformer2DModel is read as "
+                   "diffusers); diffusers: SRC must be a diffusers DiTTransformer2DModel folder")
     p.add_argument("--model", default=None, help="registry name to load into (default: inferred from the weights)")
     p.add_argument("--timestep-scale", type=float, default=None,
                    help="time convention of the checkpoint (1 for the released checkpoints)")
 
 
-@command("convert", "convert checkpoints between the official layout and this package")(_convert_args)
+@command("convert", "convert checkpoints: official layout, this package, model folders, diffusers")(_convert_args)
 def _convert(args: argparse.Namespace) -> int:
-    from .convert import (atomic_write, check_checkpoint_path, check_output_file, export_official,
-                          load_model_and_info, run_process_near, save_model)
+    from .convert import (atomic_write, check_checkpoint_path, check_output_dir, check_output_file,
+                          export_official, load_model_and_info, run_process_near, save_model)
 
+    if args.from_format == "diffusers":
+        from .pretrained import is_diffusers_folder
+
+        if not is_diffusers_folder(args.src):
+            raise ValueError(f"--from diffusers: SRC {args.src} is not a diffusers model folder (a folder whose "
+                             "config.json has \"_class_name\": \"DiTTransformer2DModel\", e.g. a DiTPipeline's "
+                             "transformer/ subfolder)")
     check_checkpoint_path(args.src, "SRC")
-    check_output_file(args.dst, "DST", suffix=".safetensors")
+    if args.to in ("folder", "diffusers"):
+        dst = check_output_dir(args.dst, "DST")
+        if Path(args.dst).resolve() == Path(args.src).resolve():
+            raise ValueError(f"DST {args.dst} is SRC: write the converted model to another folder")
+    else:
+        check_output_file(args.dst, "DST", suffix=".safetensors")
     overrides = {} if args.timestep_scale is None else {"timestep_scale": args.timestep_scale}
     # A training checkpoint keeps the config and process it records (overrides that contradict
     # them are refused); other files get theirs from their metadata or the run folder they sit in.
     model, info = load_model_and_info(args.src, config=args.model, **overrides)
-    process = info.get("process") or run_process_near(args.src)
+    process = info.get("process") or (None if Path(args.src).is_dir() else run_process_near(args.src))
     meta = {"weights": info["weights"], **({"process": process} if process else {})}
     if args.to == "package":
         save_model(model, args.dst, extra_meta=meta)
+    elif args.to == "folder":
+        from .pretrained import save_pretrained
+
+        save_pretrained(model, dst, process=process, weights=info["weights"])
+    elif args.to == "diffusers":
+        from .export import save_diffusers
+
+        save_diffusers(model, dst, process=process)
     else:
         from safetensors.torch import save_file
 
@@ -92,6 +119,12 @@ def _convert(args: argparse.Namespace) -> int:
     print(f"wrote {args.dst} ({model.config.name}: depth {model.config.depth}, hidden {model.config.hidden_size}, "
           f"experts {model.config.num_experts}, timestep scale {model.config.timestep_scale:g}, "
           f"process {process or 'not recorded (sample assumes ddpm unless --process flow)'})")
+    if args.to == "diffusers":
+        print("diffusers' DiT embeds timesteps with downscale_freq_shift=1 where DiT uses 0: call "
+              "ditmoe.export.exact_time_embedding(module) after DiTTransformer2DModel.from_pretrained for this "
+              "model's exact function (docs/export.md)"
+              + (f"; this model embeds t * {model.config.timestep_scale:g}, so pass timesteps scaled by that"
+                 if model.config.timestep_scale != 1 else ""))
     return 0
 
 

@@ -41,16 +41,22 @@ _PASS_INSTEAD = ("pass a model saved by ditmoe (RUN/model_ema.safetensors), a tr
 
 
 def check_checkpoint_path(path: str | os.PathLike, flag: str = "checkpoint") -> Path:
-    """The path of an existing checkpoint file; a folder gets a list of the checkpoints found in it."""
+    """The path of an existing checkpoint file or model folder (`ditmoe.save_pretrained`'s, or a
+    diffusers DiTTransformer2DModel's); any other folder gets a list of the checkpoints found in it."""
     path = Path(path)
     if path.is_dir():
+        from .pretrained import is_diffusers_folder, is_pretrained_folder
+
+        if is_pretrained_folder(path) or is_diffusers_folder(path):
+            return path
         found = [p for p in (path / "model_ema.safetensors",) if p.is_file()]
         found += sorted((path / "checkpoints").glob("step_*.pt")) if (path / "checkpoints").is_dir() else []
         found += sorted(p for p in path.iterdir() if p.is_file() and p.suffix in (".safetensors", ".pt", ".pth", ".bin")
                         and p not in found)
         hint = ("it holds: " + ", ".join(str(p) for p in found[:8]) + (" ..." if len(found) > 8 else "")
                 if found else "it holds no checkpoint (.safetensors / .pt)")
-        raise ValueError(f"{flag} {path} is a folder, not a checkpoint file; pass a file such as "
+        raise ValueError(f"{flag} {path} is a folder, not a checkpoint file or model folder (one with the "
+                         "config.json of ditmoe.save_pretrained or of a diffusers DiTTransformer2DModel); pass a file such as "
                          f"{path / 'model_ema.safetensors'} (a run's EMA weights) or {path / 'checkpoints' / 'step_N.pt'} "
                          f"(a training checkpoint); {hint}")
     if not path.exists():
@@ -516,6 +522,14 @@ def load_model_and_info(path: str | os.PathLike, weights: str = "ema", config: M
     it, "process" ("flow" / "ddpm").
     """
     path = check_checkpoint_path(path)
+    if path.is_dir():  # a model folder carries its config: a model name or overrides could only contradict it
+        from .pretrained import load_pretrained_and_info
+
+        if config is not None or overrides:
+            given = ([f"model {getattr(config, 'name', config)}"] if config is not None else []) + [f"{k}={v!r}" for k, v in overrides.items()]
+            raise ValueError(f"{path} is a model folder whose config.json records its model; drop "
+                             f"{', '.join(given)}, which could only contradict it")
+        return load_pretrained_and_info(path)
     if path.suffix == ".safetensors":
         sd, meta = read_safetensors(path)
     else:

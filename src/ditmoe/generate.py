@@ -28,7 +28,8 @@ class LoadedModel:
 def load_for_sampling(ckpt: str | os.PathLike, weights: str = "ema", process: str | None = None,
                       device: str | torch.device = "cpu") -> LoadedModel:
     """Load a training checkpoint (.pt; EMA weights unless weights="model"), a model saved by this
-    package, or an official checkpoint, and work out which process (flow / ddpm) it was trained with:
+    package, a model folder (`ditmoe.save_pretrained`'s or a diffusers DiTTransformer2DModel's;
+    `weights` does not apply, a folder holds one set), or an official checkpoint, and work out which process (flow / ddpm) it was trained with:
     `process` when given, else what the file records (training checkpoints, files written by
     `ditmoe convert`), else the config.json of the run it sits in, else "ddpm" (the official
     DDPM checkpoints; pass process="flow" for the released rectified-flow ones).
