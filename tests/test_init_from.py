@@ -1,8 +1,11 @@
-"""`ditmoe train --init-from`: a new run (step 0, fresh optimizer, EMA = the weights) from existing weights."""
+"""`ditmoe train --init-from`: a new run (step 0, fresh optimizer, EMA = the weights) from existing weights;
+and the image-folder flags of `ditmoe train` (--allow-upscale, --grayscale, --verify-images) reaching the data."""
 
 from __future__ import annotations
 
+import io as bytes_io
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -228,3 +231,44 @@ def test_upcycled_dense_model_fine_tunes(tmp_path, capsys):
                  overrides={"expert_type": "gelu", "shared_hidden": 0, "norm_topk": True})
     inputs = io()
     assert torch.equal(forward(tr.model, inputs), forward(moe, inputs))
+
+
+# ------------------------------------------------------------------ image-folder flags of ditmoe train
+def test_allow_upscale_and_grayscale_flags_reach_the_folder(tmp_path, capsys):
+    folder = make_folder(tmp_path / "small", classes=2, size=6)  # 6x6 grayscale PNGs, model input 8
+    args = ["train", "--model", "debug", "--model-input-size", "8", "--data", str(folder), "--steps", "1",
+            "--global-batch", "4", "--logger", "csv", "--progress", "false", "--precision", "fp32"]
+    assert main([*args, "--out", str(tmp_path / "refused")]) == 2
+    err = capsys.readouterr().err
+    assert "smaller than the model input 8x8" in err and "ditmoe train --allow-upscale true" in err
+    assert main([*args, "--out", str(tmp_path / "ok"), "--allow-upscale", "true", "--grayscale", "true"]) == 0
+    saved = json.loads((tmp_path / "ok" / "config.json").read_text())
+    assert saved["model"]["in_channels"] == 1 and saved["train"]["grayscale"] is True
+    rgb = trainer(tmp_path / "rgb", data=str(folder), allow_upscale=True)  # the default reads RGB
+    assert rgb.data_info.channels == 3 and rgb.model_cfg.in_channels == 3
+    gray = trainer(tmp_path / "gray", data=str(folder), allow_upscale=True, grayscale=True)
+    assert gray.data_info.channels == 1 and gray.dataset[0][0].shape == (1, 8, 8)
+
+
+def test_verify_images_full_reports_a_truncated_jpeg_before_training(tmp_path, caplog):
+    folder = make_folder(tmp_path / "f", classes=2, size=8)
+    buf = bytes_io.BytesIO()
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(buf, "JPEG")
+    bad = folder / "class_0" / "trunc.jpg"
+    bad.write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])  # passes the fast (header) check
+    with caplog.at_level(logging.WARNING, logger="ditmoe.data.folder"):
+        fast = trainer(tmp_path / "fast", data=str(folder), grayscale=True)
+    assert fast.data_info.extra["skipped"] == [] and "unreadable" not in caplog.text
+    with caplog.at_level(logging.WARNING, logger="ditmoe.data.folder"):
+        full = trainer(tmp_path / "full", data=str(folder), grayscale=True, verify_images="full")
+    assert full.data_info.extra["skipped"] == [str(bad)] and len(full.dataset) == len(fast.dataset) - 1
+    assert "skipped 1 unreadable image file(s)" in caplog.text and "trunc.jpg" in caplog.text
+    with pytest.raises(ValueError, match="verify_images 'all' is not 'fast', 'full' or 'none'"):
+        tiny_cfg(tmp_path / "x", verify_images="all").validate()
+
+
+def test_folder_flags_on_other_data_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="--grayscale true applies to image folders, but --data digits is not a folder"):
+        trainer(tmp_path / "d", grayscale=True)
+    with pytest.raises(ValueError, match="--allow-upscale true, --verify-images full apply to image folders"):
+        trainer(tmp_path / "d", allow_upscale=True, verify_images="full")

@@ -278,3 +278,28 @@ def test_extract_drops_images_that_fail_to_decode(folder, vae, cache32, tmp_path
     torch.testing.assert_close(d["logvar"], ref["logvar"], atol=1e-5, rtol=0)
     assert not (tmp_path / "c.safetensors.partial").exists()
     assert "trunc.jpg" in caplog.text
+
+
+def test_cli_extract_latents_allow_upscale_and_verify_images(vae_dir, tmp_path, capsys, caplog):
+    from ditmoe.cli import main
+
+    root = tmp_path / "imgs"
+    save_img(root / "a" / "0.png", 40, 40, seed=1)
+    save_img(root / "a" / "small.png", 20, 24, seed=2)  # below --image-size 32
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(9).integers(0, 256, (48, 48, 3), dtype=np.uint8)).save(buf, "JPEG")
+    (root / "a" / "trunc.jpg").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])  # passes the fast check
+    args = ["extract-latents", "--data", str(root), "--vae", str(vae_dir), "--image-size", str(SIZE)]
+    assert main([*args, "--out", str(tmp_path / "refused.safetensors")]) == 2
+    assert "extract-latents --allow-upscale" in capsys.readouterr().err
+    assert not (tmp_path / "refused.safetensors").exists()
+    with caplog.at_level(logging.WARNING, logger="ditmoe.data.folder"):
+        assert main([*args, "--out", str(tmp_path / "c.safetensors"), "--allow-upscale", "--verify-images", "full"]) == 0
+    # The full check found the truncated file before any encoding (the folder's warning, then the CLI's line).
+    assert "skipped 1 unreadable image file(s)" in caplog.text and "trunc.jpg" in caplog.text
+    out = capsys.readouterr().out
+    assert "left out 1 unreadable image file(s)" in out and "trunc.jpg" in out and "(2 images)" in out
+    meta = read_latent_metadata(tmp_path / "c.safetensors")
+    assert meta["num_images"] == 2 and [Path(p).name for p in meta["skipped"]] == ["trunc.jpg"]
+    with pytest.raises(SystemExit):
+        main([*args, "--out", str(tmp_path / "d.safetensors"), "--verify-images", "all"])

@@ -362,13 +362,22 @@ def _latents_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-workers", type=int, default=0)
     p.add_argument("--device", default=None)
     p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--allow-upscale", action="store_true",
+                   help="upscale (bicubic) images smaller than --image-size instead of refusing the folder")
+    p.add_argument("--verify-images", choices=["fast", "full", "none"], default="fast",
+                   help="check every image before encoding: fast (headers and structure), full (decode each once; "
+                        "also finds truncated JPEGs) or none; unreadable files are left out and reported")
 
 
 @command("extract-latents", "encode an image folder (and each mirror) with a local VAE into a latent cache")(_latents_args)
 def _extract_latents(args: argparse.Namespace) -> int:
-    from .data.latents import extract_latents
+    from .data.latents import extract_latents, read_latent_metadata
 
     path = extract_latents(args.data, args.vae, args.out, image_size=args.image_size, batch_size=args.batch_size,
-                           device=str(_device(args.device)), num_workers=args.num_workers, overwrite=args.overwrite)
-    print(f"wrote {path}")
+                           device=str(_device(args.device)), num_workers=args.num_workers, overwrite=args.overwrite,
+                           allow_upscale=args.allow_upscale, verify=args.verify_images)
+    meta = read_latent_metadata(path)
+    if meta.get("num_skipped"):
+        print(f"left out {meta['num_skipped']} unreadable image file(s), e.g. {meta['skipped'][0]}")
+    print(f"wrote {path} ({meta.get('num_images')} images)")
     return 0

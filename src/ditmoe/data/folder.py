@@ -176,8 +176,9 @@ class ImageFolderDataset(Dataset):
                 f"input {image_size}x{image_size} (short side < {image_size}), e.g. '{p}' is {w}x{h}; the "
                 f"smallest short side is {smallest}. Train at a size of at most {smallest} (ditmoe train: "
                 f"--model-input-size N, a multiple of the patch size; ditmoe extract-latents: --image-size N), "
-                "remove the small images, or upscale them (bicubic) with allow_upscale=True in the Python API "
-                "(ImageFolderDataset, build_dataset, extract_latents)."
+                "remove the small images, or upscale them (bicubic): ditmoe train --allow-upscale true, ditmoe "
+                "extract-latents --allow-upscale, allow_upscale=True in the Python API (ImageFolderDataset, "
+                "build_dataset, extract_latents)."
             )
         if small:
             log.info("%d image(s) under %s will be upscaled to %d", len(small), self.root, image_size)
