@@ -243,7 +243,7 @@ def suggest_overrides(src: ModelConfig, run_cfg: ModelConfig) -> dict[str, Any] 
             out["mlp_ratio"] = want["mlp_ratio"]
     if src.num_heads != run_cfg.num_heads and (want != have):
         out["num_heads"] = src.num_heads
-    if want.get("moe_placement") != have.get("moe_placement") and src.is_moe:
+    if want.get("moe_placement") != have.get("moe_placement") and src.moe_placement != run_cfg.moe_placement:
         out["moe_placement"] = src.moe_placement
     if src.is_moe and (not 1 <= run_cfg.top_k <= src.num_experts or run_cfg.top_k != src.top_k):
         out["top_k"] = src.top_k
