@@ -5,6 +5,7 @@
 - features.py: the `FeatureExtractor` interface; inception.py: InceptionV3 (torch-fidelity,
   local weights); mnist_classifier.py: the MNIST classifier and its training
 - npz.py: sample batches (``arr_0`` / ``arr_1``) and reference statistics caches
+- reference.py: reference statistics of any image folder or built-in set, and their cache
 
 torch-fidelity is imported only when an InceptionV3 is built. The names of inception.py and
 mnist_classifier.py load on first use, so that ``python -m ditmoe.eval.mnist_classifier`` runs
@@ -26,6 +27,7 @@ from .metrics import (
     precision_recall,
 )
 from .npz import load_reference_stats, load_samples_npz, save_reference_stats, save_samples_npz
+from .reference import build_reference, cached_reference, extractor_digest, load_reference_images
 
 _LAZY = {
     "InceptionV3Extractor": "inception", "resolve_inception_weights": "inception",
@@ -48,8 +50,11 @@ __all__ = [
     "MNISTClassifier",
     "MNISTClassifierExtractor",
     "ModuleFeatureExtractor",
+    "build_reference",
+    "cached_reference",
     "compute_reference_stats",
     "evaluate",
+    "extractor_digest",
     "feature_statistics",
     "fid_from_features",
     "format_results",
@@ -57,6 +62,7 @@ __all__ = [
     "get_extractor",
     "inception_score",
     "load_mnist_classifier",
+    "load_reference_images",
     "load_reference_stats",
     "load_samples_npz",
     "manifold_radii",

@@ -20,7 +20,8 @@ from .features import FeatureExtractor, ImageBatch, to_uint8_nhwc
 from .metrics import feature_statistics, frechet_distance, inception_score, manifold_radii, precision_recall
 from .npz import load_reference_stats, load_samples_npz, save_reference_stats
 
-__all__ = ["compute_reference_stats", "evaluate", "format_results", "get_extractor", "is_mnist_like"]
+__all__ = ["check_reference_fits", "compute_reference_stats", "evaluate", "format_results", "get_extractor",
+           "is_mnist_like"]
 
 PathLike = Union[str, Path]
 Source = Union[PathLike, ImageBatch]
@@ -93,11 +94,39 @@ def compute_reference_stats(ref: Source, extractor: Union[str, FeatureExtractor]
     return stats
 
 
-def _reference(ref: Source, ext: FeatureExtractor, k: int, progress: bool) -> dict[str, Any]:
+def check_reference_fits(ref: PathLike, stored: dict[str, Any], ext: FeatureExtractor,
+                         sample_size: Optional[int] = None) -> None:
+    """Refuse statistics that record another extractor (name or weights digest) than `ext`, or
+    images of another size than the samples' (28 and 32 px count as one for the MNIST classifier,
+    which pads 28 to 32)."""
+    if stored.get("extractor_digest") is not None:
+        from .reference import extractor_digest
+
+        digest = extractor_digest(ext)
+        if stored["extractor"] != ext.name or stored["extractor_digest"] != digest:
+            raise ValueError(
+                f"{ref}: the reference statistics were made with extractor {stored['extractor']!r} (weights digest "
+                f"{stored['extractor_digest']}), but the samples are measured with {ext.name!r} (weights digest "
+                f"{digest}); FIDs from different networks are not comparable. Rebuild the reference with the "
+                f"samples' extractor (ditmoe ref --data {stored.get('source') or 'DATA'} --extractor ...), or "
+                "evaluate with the extractor the reference was made with (--extractor)")
+    size = stored.get("image_size")
+    if size is not None and sample_size is not None and size != sample_size:
+        from .mnist_classifier import MNISTClassifierExtractor
+
+        if not (isinstance(ext, MNISTClassifierExtractor) and {size, sample_size} <= {28, 32}):
+            raise ValueError(f"{ref}: the reference images are {size}x{size} px, the samples {sample_size}x"
+                             f"{sample_size}; rebuild the reference at the samples' size (ditmoe ref --image-size "
+                             f"{sample_size})")
+
+
+def _reference(ref: Source, ext: FeatureExtractor, k: int, progress: bool,
+               sample_size: Optional[int] = None) -> dict[str, Any]:
     """Reference statistics for `ext`: read from a cache when it was made with `ext`, else computed."""
     if not isinstance(ref, (str, Path)):
         return _stats_from_features(ext(to_uint8_nhwc(ref), progress=progress), ext.name, k)
     stored = load_reference_stats(ref)
+    check_reference_fits(ref, stored, ext, sample_size)
     from .inception import InceptionV3Extractor
 
     # ADM reference batches record no extractor: their statistics come from the TF Inception
@@ -118,7 +147,8 @@ def _reference(ref: Source, ext: FeatureExtractor, k: int, progress: bool) -> di
     if stored["has_images"]:
         return _reference(load_reference_stats(ref, load_images=True)["images"], ext, k, progress)
     raise ValueError(f"{ref}: statistics were computed with extractor {stored['extractor']!r}, not "
-                     f"{ext.name!r}, and the file holds no images to recompute them from")
+                     f"{ext.name!r}, and the file holds no images to recompute them from; rebuild them with the "
+                     "samples' extractor (ditmoe ref --extractor ...)")
 
 
 def evaluate(samples: Source, ref: Source, extractor: Union[str, FeatureExtractor] = "auto",
@@ -162,7 +192,7 @@ def evaluate(samples: Source, ref: Source, extractor: Union[str, FeatureExtracto
                              f"(e.g. {sorted(set(bad.tolist()))[:5]}): the labels (arr_1) must be the class each "
                              "sample was asked for")
     feats = ext(images, progress=progress)
-    refs = _reference(ref, ext, k, progress)
+    refs = _reference(ref, ext, k, progress, sample_size=images.shape[1])
 
     result: dict[str, Any] = {"extractor": ext.name, "num_samples": len(images),
                               "num_ref": refs.get("num_images"), "fid": None, "sfid": None,

@@ -142,8 +142,10 @@ def load_samples_npz(path: PathLike) -> tuple[np.ndarray, Optional[np.ndarray]]:
 def save_reference_stats(path: PathLike, mu: np.ndarray, sigma: np.ndarray, *, extractor: str,
                          mu_s: Optional[np.ndarray] = None, sigma_s: Optional[np.ndarray] = None,
                          features: Optional[np.ndarray] = None, radii: Optional[np.ndarray] = None,
-                         num_images: Optional[int] = None) -> Path:
-    """Cache reference statistics computed with the extractor named `extractor`."""
+                         num_images: Optional[int] = None, extractor_digest: Optional[str] = None,
+                         image_size: Optional[int] = None, source: Optional[str] = None) -> Path:
+    """Cache reference statistics computed with the extractor named `extractor` (and, when given,
+    the digest of its weights, the side of the images and where they came from)."""
     arrays: dict[str, np.ndarray] = {"mu": np.asarray(mu, np.float64), "sigma": np.asarray(sigma, np.float64),
                                      "extractor": np.asarray(extractor)}
     if mu_s is not None and sigma_s is not None:
@@ -154,6 +156,12 @@ def save_reference_stats(path: PathLike, mu: np.ndarray, sigma: np.ndarray, *, e
         arrays["radii"] = np.asarray(radii, np.float32)
     if num_images is not None:
         arrays["num_images"] = np.asarray(num_images, np.int64)
+    if extractor_digest is not None:
+        arrays["extractor_digest"] = np.asarray(extractor_digest)
+    if image_size is not None:
+        arrays["image_size"] = np.asarray(image_size, np.int64)
+    if source is not None:
+        arrays["source"] = np.asarray(source)
     return _atomic_savez(path, arrays)
 
 
@@ -162,18 +170,22 @@ def load_reference_stats(path: PathLike, load_images: bool = False) -> dict[str,
 
     Returns the arrays present among mu, sigma, mu_s, sigma_s, features, radii, num_images
     (an int), ``extractor`` (str, or None for files that do not record it, such as ADM's
-    reference batches, whose statistics come from the TensorFlow Inception graph) and, with
+    reference batches, whose statistics come from the TensorFlow Inception graph),
+    ``extractor_digest`` / ``image_size`` / ``source`` (None where not recorded) and, with
     `load_images`, ``images`` from ``arr_0``.
     """
-    out: dict[str, Any] = {"extractor": None}
+    out: dict[str, Any] = {"extractor": None, "extractor_digest": None, "image_size": None, "source": None}
     with _open_npz(path, "reference") as f:
         for key in ("mu", "sigma", "mu_s", "sigma_s", "features", "radii"):
             if key in f.files:
                 out[key] = f[key]
         if "num_images" in f.files:
             out["num_images"] = int(f["num_images"])
-        if "extractor" in f.files:
-            out["extractor"] = str(f["extractor"])
+        for key in ("extractor", "extractor_digest", "source"):
+            if key in f.files:
+                out[key] = str(f[key])
+        if "image_size" in f.files:
+            out["image_size"] = int(f["image_size"])
         if load_images and "arr_0" in f.files:
             out["images"] = _images_from(f["arr_0"], path)
         out["has_images"] = "arr_0" in f.files
