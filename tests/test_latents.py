@@ -303,3 +303,85 @@ def test_cli_extract_latents_allow_upscale_and_verify_images(vae_dir, tmp_path, 
     assert meta["num_images"] == 2 and [Path(p).name for p in meta["skipped"]] == ["trunc.jpg"]
     with pytest.raises(SystemExit):
         main([*args, "--out", str(tmp_path / "d.safetensors"), "--verify-images", "all"])
+
+
+def _extract_worker(rank: int, world: int, folder: str, vae_dir: str, out: str) -> None:
+    vae = load_vae(vae_dir)
+    encode, rows = vae.encode, []
+    vae.encode = lambda x: (rows.append(len(x)), encode(x))[1]
+    extract_latents(folder, vae, out, image_size=SIZE, batch_size=2, dtype="float32", progress=False, save_every=1)
+    Path(f"{out}.rank{rank}").write_text(json.dumps(rows))  # the batches this process encoded
+
+
+@pytest.fixture()
+def folder_with_bad_files(folder, tmp_path) -> Path:
+    """The module's folder (one file that is no image) plus a truncated JPEG that only fails to decode."""
+    import shutil
+
+    root = tmp_path / "imgs"
+    shutil.copytree(folder, root)
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(9).integers(0, 256, (48, 48, 3), dtype=np.uint8)).save(buf, "JPEG")
+    (root / "b_dog" / "trunc.jpg").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    return root
+
+
+def test_extract_under_two_processes_equals_one_process(folder_with_bad_files, vae_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    from ditmoe.parallel.launch import spawn_local
+
+    root = folder_with_bad_files
+    one = extract_latents(root, vae_dir, tmp_path / "one.safetensors", image_size=SIZE, batch_size=2,
+                          dtype="float32", progress=False, save_every=1)
+    # 6 readable files in chunks of 2 images: rank 0 encodes chunks 0 and 2, rank 1 chunk 1 (with trunc.jpg).
+    spawn_local(_extract_worker, 2, str(root), str(vae_dir), str(tmp_path / "two.safetensors"))
+    a, b = load_file(one), load_file(tmp_path / "two.safetensors")
+    # The same batches through the same code in one thread each: bit for bit.
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert a["labels"].tolist() == [0, 0, 1, 1, 1]
+    ma, mb = read_latent_metadata(one), read_latent_metadata(tmp_path / "two.safetensors")
+    assert ma == mb and sorted(Path(p).name for p in mb["skipped"]) == ["broken.png", "trunc.jpg"]
+    assert not (tmp_path / "two.safetensors.parts").exists() and not (tmp_path / "two.safetensors.partial").exists()
+    # Each process encoded its own share only (rows = images and their mirrors; trunc.jpg never reaches the VAE).
+    encoded = [json.loads((tmp_path / f"two.safetensors.rank{r}").read_text()) for r in (0, 1)]
+    assert encoded == [[4, 2], [4]]
+
+
+def test_interrupted_extraction_resumes_from_its_chunks(folder_with_bad_files, vae_dir, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    root = folder_with_bad_files
+    kw = dict(image_size=SIZE, batch_size=2, dtype="float32", progress=False, save_every=1)
+    ref = extract_latents(root, vae_dir, tmp_path / "ref.safetensors", **kw)
+    vae = load_vae(vae_dir)
+    encode, calls = vae.encode, []
+
+    def interrupted(x):
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # as a Ctrl-C in the third batch would
+        calls.append(len(x))
+        return encode(x)
+
+    out = tmp_path / "c.safetensors"
+    monkeypatch.setattr(vae, "encode", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        extract_latents(root, vae, out, **kw)
+    parts = sorted(p.name for p in (tmp_path / "c.safetensors.parts").iterdir())
+    assert parts == ["chunk_0000000.safetensors", "chunk_0000001.safetensors"] and not out.exists()
+    calls.clear()
+    monkeypatch.setattr(vae, "encode", lambda x: (calls.append(len(x)), encode(x))[1])
+    extract_latents(root, vae, out, **kw)
+    # Only the third chunk (b_dog/2.png and trunc.jpg, which fails to decode): one image and its mirror.
+    assert calls == [2]
+    a, b = load_file(ref), load_file(out)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # Chunks written under other settings (here float16 storage) are encoded again, not mixed in.
+    with pytest.raises(KeyboardInterrupt):
+        monkeypatch.setattr(vae, "encode", interrupted)
+        calls.clear()
+        extract_latents(root, vae, tmp_path / "d.safetensors", **kw)
+    calls.clear()
+    monkeypatch.setattr(vae, "encode", lambda x: (calls.append(len(x)), encode(x))[1])
+    extract_latents(root, vae, tmp_path / "d.safetensors", **{**kw, "dtype": "float16"})
+    assert len(calls) == 3

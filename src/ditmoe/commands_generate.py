@@ -437,6 +437,8 @@ def _extract_latents(args: argparse.Namespace) -> int:
     path = extract_latents(args.data, args.vae, args.out, image_size=args.image_size, batch_size=args.batch_size,
                            device=str(_device(args.device)), num_workers=args.num_workers, overwrite=args.overwrite,
                            allow_upscale=args.allow_upscale, verify=args.verify_images)
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun rank 0 reports for all
+        return 0
     meta = read_latent_metadata(path)
     if meta.get("num_skipped"):
         print(f"left out {meta['num_skipped']} unreadable image file(s), e.g. {meta['skipped'][0]}")

@@ -144,6 +144,51 @@ class _Loadable(Dataset):
             return torch.zeros(c, s, s), torch.tensor(-1), False, i
 
 
+def _join_world() -> tuple[int, int, Any]:
+    """(rank, world, torch.distributed or None) from torchrun's RANK / WORLD_SIZE.
+
+    The default group is joined (gloo) when nothing has joined it yet: extraction only needs
+    small collectives (a barrier and one broadcast), which gloo does on any device.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, None
+    if "RANK" not in os.environ:
+        raise ValueError(f"WORLD_SIZE={world} is set but RANK is not: launch with torchrun (it sets both), or unset "
+                         "WORLD_SIZE to extract in one process")
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")
+    return dist.get_rank(), dist.get_world_size(), dist
+
+
+def _settings_key(ds: ImageFolderDataset, vae: VAE, image_size: int, dtype: str, chunk: int) -> str:
+    """What a chunk file's rows depend on; a chunk written under other settings is encoded again."""
+    import hashlib
+
+    def stamp(path: str) -> str:
+        st = os.stat(path)
+        return f"{st.st_size}:{st.st_mtime_ns}"
+
+    # Names, labels, sizes and modification times: an image replaced since a chunk was written
+    # makes that extraction start afresh.
+    files = hashlib.sha1("\n".join(f"{p}\t{y}\t{stamp(p)}" for p, y in ds.samples).encode()).hexdigest()
+    return json.dumps({"files": files, "n": len(ds), "image_size": image_size, "vae": str(getattr(vae, "path", "")),
+                       "scaling_factor": vae.scaling_factor, "dtype": dtype, "chunk": chunk}, sort_keys=True)
+
+
+def _chunk_done(path: Path, key: str, rows: int) -> bool:
+    """True when `path` is a complete chunk (chunks are renamed into place whole) of these settings."""
+    if not path.is_file():
+        return False
+    try:
+        header, _ = _read_safetensors_header(path)
+    except (ValueError, OSError):
+        return False
+    return (header.get("__metadata__") or {}).get("settings") == key and header.get("labels", {}).get("shape") == [rows]
+
+
 def extract_latents(
     folder: str | os.PathLike,
     vae_dir: str | os.PathLike | VAE,
@@ -159,103 +204,156 @@ def extract_latents(
     verify: str = "fast",
     overwrite: bool = False,
     progress: bool = True,
+    save_every: int = 50,
 ) -> Path:
     """Encode every image of ``folder`` and its horizontal mirror; write a latent cache file.
 
     Images go through the same ADM center crop as `ImageFolderDataset`; the mirror is the flipped
     crop. ``vae_dir`` is a local diffusers VAE folder (or an already loaded `VAE`). ``dtype`` is
-    the storage type of mean / logvar ("float16" halves the file; "float32" is exact). The file is
-    written as ``out_path + '.partial'`` and renamed when complete. Returns ``out_path``.
+    the storage type of mean / logvar ("float16" halves the file; "float32" is exact). Returns
+    ``out_path``.
+
+    The images are encoded in chunks of ``save_every`` batches (image i is in batch i //
+    batch_size whatever the number of processes), each written whole to ``out_path + '.parts/'``
+    as it completes. An interrupted extraction run again with the same settings skips the chunks
+    already there. Under torchrun (RANK / WORLD_SIZE set) process r encodes chunks r, r + world,
+    ...; rank 0 then joins the chunks, in image order, into ``out_path + '.partial'``, renames it
+    to ``out_path`` and removes the chunks, so the file equals a one-process extraction's.
     """
     out_path = Path(out_path).expanduser()
     if dtype not in _STORE_DTYPES:
         raise ValueError(f"dtype must be one of {list(_STORE_DTYPES)}, got {dtype!r}")
+    if save_every < 1:
+        raise ValueError(f"save_every must be at least 1 batch, got {save_every}")
     if out_path.exists() and not overwrite:
         raise FileExistsError(f"latent cache '{out_path}' already exists; delete it or pass overwrite=True")
     if out_path.is_dir():
         raise IsADirectoryError(f"out_path '{out_path}' is a folder; give a file name such as latents.safetensors")
-    ds = ImageFolderDataset(folder, image_size, flip=False, allow_upscale=allow_upscale, verify=verify, channels=3, progress=progress)
+    rank, world, dist = _join_world()
+    if world > 1 and str(device) == "cuda":
+        device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
+    ds = ImageFolderDataset(folder, image_size, flip=False, allow_upscale=allow_upscale, verify=verify, channels=3,
+                            progress=progress and rank == 0)
     vae = vae_dir if isinstance(vae_dir, VAE) else load_vae(vae_dir, device=device, dtype=vae_dtype)
     c, h, w = vae.latent_shape(image_size)
     n = len(ds)
     np_dt = _STORE_DTYPES[dtype]
-    meta = {
-        "format": FORMAT_NAME,
-        "format_version": FORMAT_VERSION,
-        "class_names": json.dumps(ds.class_names),
-        "image_size": str(image_size),
-        "latent_size": str(h),
-        "latent_channels": str(c),
-        "scaling_factor": repr(vae.scaling_factor),
-        "moments": "mean, logvar (unscaled); dim 1: 0 = image, 1 = horizontal mirror",
-        "source": str(Path(folder).expanduser().resolve()),
-        "vae": str(getattr(vae, "path", "")),
-        "crop": "adm_center_crop",
-    }
+    chunk = batch_size * save_every
+    key = _settings_key(ds, vae, image_size, dtype, chunk)
+    parts = out_path.with_name(out_path.name + ".parts")
+    parts.mkdir(parents=True, exist_ok=True)
+    chunks = range(rank, -(-n // chunk), world)
 
-    def specs(rows: int):
-        return [("labels", np.int64, (rows,)), ("mean", np_dt, (rows, 2, c, h, w)), ("logvar", np_dt, (rows, 2, c, h, w))]
+    def chunk_path(k: int) -> Path:
+        return parts / f"chunk_{k:07d}.safetensors"
 
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(out_path.name + ".partial")
-    failed: list[str] = []
+    todo = [k for k in chunks if not _chunk_done(chunk_path(k), key, min(n, (k + 1) * chunk) - k * chunk)]
+    done_before = len(chunks) - len(todo)
+    if done_before and rank == 0:
+        log.info("resuming the extraction into %s: %d chunk(s) of %d images already encoded", out_path,
+                 done_before, chunk)
+    from tqdm.auto import tqdm
 
-    def build(m: dict[str, str]) -> int:
-        arrays = _create_safetensors(tmp, specs(n), m)
-        loader = DataLoader(_Loadable(ds), batch_size=batch_size, shuffle=False, num_workers=num_workers)
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=n, desc="encoding latents", unit="img", disable=not progress)
-        pos = 0
-        for x, y, ok, idx in loader:
+    bar = tqdm(total=sum(min(n, (k + 1) * chunk) - k * chunk for k in todo), desc="encoding latents", unit="img",
+               disable=not progress or rank != 0)
+    for k in todo:
+        lo, hi = k * chunk, min(n, (k + 1) * chunk)
+        sub = torch.utils.data.Subset(_Loadable(ds), range(lo, hi))
+        labels = np.full(hi - lo, -1, np.int64)  # -1: the file failed to decode
+        mean_all = np.zeros((hi - lo, 2, c, h, w), np_dt)
+        logvar_all = np.zeros_like(mean_all)
+        for x, y, ok, idx in DataLoader(sub, batch_size=batch_size, shuffle=False, num_workers=num_workers):
             bar.update(len(y))
-            if not bool(ok.all()):
-                failed.extend(ds.samples[int(i)][0] for i in idx[~ok])
-                x, y = x[ok], y[ok]
+            rows = (idx[ok] - lo).numpy()
+            x, y = x[ok], y[ok]
             b = x.shape[0]
             if b == 0:
                 continue
             mean, logvar = vae.encode(torch.cat([x, x.flip(-1)]))  # (2B, C, h, w): images, then mirrors
             if mean.shape[1:] != (c, h, w):
                 raise RuntimeError(f"VAE returned latents of shape {tuple(mean.shape[1:])}, expected {(c, h, w)}")
-            arrays["mean"][pos : pos + b] = mean.view(2, b, c, h, w).transpose(0, 1).cpu().numpy().astype(np_dt)
-            arrays["logvar"][pos : pos + b] = logvar.view(2, b, c, h, w).transpose(0, 1).cpu().numpy().astype(np_dt)
-            arrays["labels"][pos : pos + b] = y.numpy()
-            pos += b
-        bar.close()
-        for a in arrays.values():
-            if isinstance(a, np.memmap):
-                a.flush()
-        del arrays
-        return pos
+            mean_all[rows] = mean.view(2, b, c, h, w).transpose(0, 1).cpu().numpy().astype(np_dt)
+            logvar_all[rows] = logvar.view(2, b, c, h, w).transpose(0, 1).cpu().numpy().astype(np_dt)
+            labels[rows] = y.numpy()
+        from safetensors.numpy import save_file
 
-    skipped = ds.skipped
-    meta.update(num_images=str(n), num_skipped=str(len(skipped)), skipped=json.dumps(skipped[:1000]))
-    written = build(meta)
-    if written < n:
-        # Some files passed the check but failed to decode: rewrite without the empty tail rows.
-        skipped = skipped + failed
-        meta.update(num_images=str(written), num_skipped=str(len(skipped)), skipped=json.dumps(skipped[:1000]))
-        _compact(tmp, written, specs(written), meta)
-    os.replace(tmp, out_path)
-    if skipped:
-        log.warning("latent cache %s: %d image(s) skipped as unreadable", out_path, len(skipped))
+        from ..convert import atomic_write
+
+        tensors = {"labels": labels, "mean": mean_all, "logvar": logvar_all}
+        atomic_write(chunk_path(k), lambda tmp: save_file(tensors, tmp, metadata={"settings": key}))
+    bar.close()
+
+    error = None
+    if rank == 0:
+        if dist is not None:
+            dist.barrier()  # every chunk is on disk
+        try:
+            meta = {
+                "format": FORMAT_NAME,
+                "format_version": FORMAT_VERSION,
+                "class_names": json.dumps(ds.class_names),
+                "image_size": str(image_size),
+                "latent_size": str(h),
+                "latent_channels": str(c),
+                "scaling_factor": repr(vae.scaling_factor),
+                "moments": "mean, logvar (unscaled); dim 1: 0 = image, 1 = horizontal mirror",
+                "source": str(Path(folder).expanduser().resolve()),
+                "vae": str(getattr(vae, "path", "")),
+                "crop": "adm_center_crop",
+            }
+            _merge_chunks(ds, [chunk_path(k) for k in range(-(-n // chunk))], out_path, meta, np_dt, (c, h, w))
+            import shutil
+
+            shutil.rmtree(parts, ignore_errors=True)
+        except Exception as e:  # reported on every rank, so no process waits for a file that will not come
+            error = e
+    elif dist is not None:
+        dist.barrier()
+    if dist is not None:
+        status = [None if error is None else f"{type(error).__name__}: {error}"]
+        dist.broadcast_object_list(status, src=0)
+        if rank != 0 and status[0] is not None:
+            raise RuntimeError(f"rank 0 could not write the latent cache '{out_path}': {status[0]}")
+    if error is not None:
+        raise error
     return out_path
 
 
-def _compact(path: Path, rows: int, specs, meta: dict[str, str], chunk: int = 1024) -> None:
-    if rows == 0:
-        raise ValueError(f"no image under the folder could be decoded; nothing written to '{path}'")
-    header, start = _read_safetensors_header(path)
-    src = _map_tensors(path, header, start)
-    tmp2 = path.with_name(path.name + ".compact")
-    dst = _create_safetensors(tmp2, specs, meta)
-    for name in dst:
-        for s in range(0, rows, chunk):
-            dst[name][s : s + chunk] = src[name][s : min(rows, s + chunk)]
-        dst[name].flush()
-    del src, dst
-    os.replace(tmp2, path)
+def _merge_chunks(ds: ImageFolderDataset, chunk_files: list[Path], out_path: Path, meta: dict[str, str],
+                  np_dt: Any, latent: tuple[int, int, int]) -> None:
+    """Join the chunk files, in image order and without the images that failed to decode, into `out_path`."""
+    from safetensors.numpy import load_file
+
+    labels = [load_file(str(p))["labels"] for p in chunk_files]  # small: one int64 per image
+    written = int(sum((lab >= 0).sum() for lab in labels))
+    failed, pos = [], 0
+    for lab in labels:
+        failed.extend(ds.samples[pos + int(i)][0] for i in np.flatnonzero(lab < 0))
+        pos += len(lab)
+    if written == 0:
+        raise ValueError(f"no image under '{ds.root}' could be decoded; nothing written to '{out_path}'")
+    skipped = list(ds.skipped) + failed
+    meta = dict(meta, num_images=str(written), num_skipped=str(len(skipped)), skipped=json.dumps(skipped[:1000]))
+    tmp = out_path.with_name(out_path.name + ".partial")
+    specs = [("labels", np.int64, (written,)), ("mean", np_dt, (written, 2, *latent)),
+             ("logvar", np_dt, (written, 2, *latent))]
+    dst = _create_safetensors(tmp, specs, meta)
+    at = 0
+    for p, lab in zip(chunk_files, labels):
+        keep = lab >= 0
+        m = int(keep.sum())
+        if m:
+            part = load_file(str(p))
+            for name in ("labels", "mean", "logvar"):
+                dst[name][at:at + m] = part[name][keep]
+        at += m
+    for a in dst.values():
+        if isinstance(a, np.memmap):
+            a.flush()
+    del dst
+    os.replace(tmp, out_path)
+    if skipped:
+        log.warning("latent cache %s: %d image(s) skipped as unreadable", out_path, len(skipped))
 
 
 # ----------------------------------------------------------------------------------- dataset
