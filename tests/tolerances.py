@@ -55,3 +55,45 @@ def assert_close_fp32(actual: torch.Tensor, expected: torch.Tensor, reduction_le
     assert tuple(actual.shape) == tuple(expected.shape), f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
     err, tol = rel_err(actual, expected), fp32_tol(reduction_len, chain)
     assert err <= tol, f"{what}: norm-relative error {err:.3g} > {tol:.3g} (fp32, K={reduction_len}, chain={chain})"
+
+
+def bf16_order_tol(reduction_len: int, chain: int = 1) -> float:
+    """Two bf16 evaluations whose fp32 accumulations differ only in summation order (fp32_tol
+    apart before rounding): an element rounds to the other neighbouring bf16 value only when it lies
+    within fp32_tol of a rounding boundary, with probability fp32_tol / BF16_EPS, and then by one
+    ulp (BF16_EPS relative); norm-relative sqrt(fp32_tol * BF16_EPS) per rounded step, chained
+    steps adding as in fp32_tol."""
+    return chain * math.sqrt(fp32_tol(reduction_len) * BF16_EPS)
+
+
+def adam_weight_tol(grad_tol: float, lr: float, steps: int) -> float:
+    """Root-mean-square difference of weights after `steps` Adam(W) steps (weight decay 0 or equal on
+    both sides) from gradients within norm-relative `grad_tol` of each other (including a clip
+    coefficient from the same gradients).
+
+    Adam's update m_hat / (sqrt(v_hat) + eps) is at most about 1 per element (Cauchy-Schwarz on the
+    bias-corrected moments) and homogeneous of degree 0 in the gradients: an element g moves by about
+    min(2, 2 * dg / |g|) for an absolute gradient error dg. The error spreads as dg ~ grad_tol * sigma
+    (sigma the tensor's RMS gradient), and over gradients of density <= 0.4 / sigma at 0 (a Gaussian's)
+    the mean square of that is <= 4 * 0.8 * grad_tol (elements that flip sign, |g| < dg) + the same
+    again from the 1 / g^2 tail: 6.4 * grad_tol < 8 * grad_tol. Steps add: steps * lr * sqrt(8 * grad_tol).
+    An elementwise bound does not exist (a gradient element at rounding-noise level flips its
+    update by 2 * lr), which is why this is an RMS over the tensor."""
+    return steps * lr * math.sqrt(8 * grad_tol)
+
+
+def rms_diff(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """Root-mean-square of actual - expected, in float64."""
+    a, e = torch.as_tensor(actual).double(), torch.as_tensor(expected).double()
+    return (a - e).square().mean().sqrt().item() if e.numel() else 0.0
+
+
+def roundings_tol(dtype: torch.dtype, n: int) -> float:
+    """Relative bound after n roundings to `dtype` (unit roundoff u = eps / 2 each): (1 + u)^n - 1."""
+    return (1 + torch.finfo(dtype).eps / 2) ** n - 1
+
+
+def underflow_tol(dtype: torch.dtype) -> float:
+    """Absolute error of one rounding into `dtype`'s subnormal range: half its spacing there."""
+    fi = torch.finfo(dtype)
+    return fi.smallest_normal * fi.eps / 2

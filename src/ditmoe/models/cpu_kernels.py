@@ -32,10 +32,17 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
 
 
+def compiled() -> bool:
+    """Whether work the kernels apply to runs compiled in this process: False where switched off
+    (ENABLED) or once a compilation has failed (every caller then runs its eager ops); True until
+    then (a kernel compiles on its first call, so the first call of each decides)."""
+    return ENABLED and not _unavailable
+
+
 def applies(x: torch.Tensor, dtype: torch.dtype) -> bool:
     """Whether the compiled kernels serve work on `x` in `dtype`: CPU, bf16 / fp16, not inside
     torch.compile (a compiled model fuses these ops itself), not after a failed compilation."""
-    return (ENABLED and not _unavailable and x.device.type == "cpu"
+    return (compiled() and x.device.type == "cpu"
             and dtype in (torch.bfloat16, torch.float16) and not torch.compiler.is_compiling())
 
 
@@ -55,4 +62,4 @@ def run(name: str, fn: Callable, *args):
         return None
 
 
-__all__ = ["ENABLED", "applies", "compute_dtype", "run"]
+__all__ = ["ENABLED", "applies", "compiled", "compute_dtype", "run"]
