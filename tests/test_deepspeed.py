@@ -22,7 +22,8 @@ import torch
 pytest.importorskip("deepspeed")
 
 from test_distributed import (GLOBAL_BATCH, STEPS, WORLD, assert_optimizer_close, assert_state_close,  # noqa: E402
-                              check_against_reference, instrument, model_overrides, reference_run, train_config)
+                              check_against_reference, instrument, model_overrides, reference_run, tolerances_of,
+                              train_config)
 
 from ditmoe.parallel.deepspeed_engine import deepspeed_config, load_user_config, merge_config  # noqa: E402
 from ditmoe.parallel.launch import spawn_local  # noqa: E402
@@ -124,9 +125,11 @@ def test_single_process_checkpoint_resumes_under_zero(tmp_path, layout):
     cont.run()
     got = load_checkpoint(list_checkpoints(tmp_path / "zero")[-1])
     assert got["step"] == STEPS + 1
-    assert_state_close(got["model"], cont.model.state_dict(), "weights")
-    assert_state_close(got["ema"], cont.ema.state_dict(), "EMA")
-    assert_optimizer_close(got["optimizer"], cont.optimizer.state_dict(), "optimizer")
+    # Both start from the same checkpoint: only the third step's gradients differ (summation order).
+    g_tol, w_tol = tolerances_of(cont, 1)
+    assert_state_close(got["model"], cont.model.state_dict(), "weights", w_tol)
+    assert_state_close(got["ema"], cont.ema.state_dict(), "EMA", w_tol)
+    assert_optimizer_close(got["optimizer"], cont.optimizer.state_dict(), "optimizer", g_tol)
 
 
 # ----------------------------------------------------------------------------- configs
