@@ -15,6 +15,7 @@ cache holds them. Where compilation fails
 
 from __future__ import annotations
 
+import os
 import warnings
 from typing import Callable
 
@@ -57,8 +58,11 @@ def run(name: str, fn: Callable, *args):
         return _compiled[name](*args)
     except Exception as e:  # noqa: BLE001 - any compiler failure means: use the eager ops
         _unavailable = True
-        warnings.warn(f"ditmoe: could not compile the fused CPU kernels ({type(e).__name__}: {e}); "
-                      "using the eager ops, which are correct but slower on CPU", RuntimeWarning, stacklevel=3)
+        # A compiler failure carries the whole generated source; its first line names the cause.
+        first = str(e) if os.environ.get("DITMOE_DEBUG") else (str(e).strip().splitlines() or [""])[0]
+        warnings.warn(f"ditmoe: could not compile the fused CPU kernels ({type(e).__name__}: {first}); "
+                      "using the eager ops, which are correct but slower on CPU (DITMOE_DEBUG=1 shows the "
+                      "compiler's full output)", RuntimeWarning, stacklevel=3)
         return None
 
 
