@@ -228,3 +228,15 @@ def test_ema_warmup_closed_form():
     assert ema.decay_at(0) == 0.1 and ema.decay_at(10**6) == 0.999
     fixed = EMA(live, decay=0.9, warmup=False)
     assert fixed.decay_at(0) == 0.9
+
+
+def test_model_ema_copied_out_of_its_run_keeps_its_process(tmp_path):
+    import shutil
+
+    from ditmoe.generate import load_for_sampling
+
+    tiny_trainer(tmp_path, steps=1, process="flow").run()
+    alone = tmp_path / "elsewhere" / "weights.safetensors"
+    alone.parent.mkdir()
+    shutil.copy(tmp_path / "run" / "model_ema.safetensors", alone)  # no config.json of the run beside it
+    assert load_for_sampling(alone, "ema", None, "cpu").process == "flow"

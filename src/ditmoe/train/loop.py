@@ -597,7 +597,7 @@ class Trainer:
             logger.close()
             try:
                 save_model(ema_state, self.out / "model_ema.safetensors", config=self.model_cfg,
-                           extra_meta={"weights": "ema"})
+                           extra_meta={"weights": "ema", "process": cfg.process})
             except (OSError, RuntimeError) as e:
                 raise RuntimeError(f"writing {self.out / 'model_ema.safetensors'} failed ({_short_error(e)}); the "
                                    f"checkpoint {ckpt} holds the same EMA weights. Free disk space and rerun with "
