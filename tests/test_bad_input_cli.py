@@ -377,12 +377,12 @@ def _npz(path, **arrays):
     ("missing", "does not exist"),
 ])
 def test_eval_refuses_bad_samples(tmp_path, capsys, monkeypatch, kind, message):
-    import ditmoe.commands_generate as cg
+    from ditmoe.eval import mnist_classifier
 
     def no_classifier(*a, **kw):
         raise AssertionError("the classifier was trained before the samples were checked")
 
-    monkeypatch.setattr(cg, "ensure_mnist_classifier", no_classifier)
+    monkeypatch.setattr(mnist_classifier, "ensure_mnist_classifier", no_classifier)
     rng = np.random.default_rng(0)
     grey = rng.integers(0, 256, (4, 28, 28, 1))
     path = tmp_path / "samples.npz"

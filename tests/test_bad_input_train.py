@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from ditmoe.cli import build_parser, main
-from ditmoe.commands import train_config_from_args
+from ditmoe.cli.train import train_config_from_args
 from ditmoe.train import checkpoint as ckpt_mod
 from ditmoe.train.checkpoint import list_checkpoints, load_checkpoint
 

@@ -216,7 +216,7 @@ def test_bad_splits_are_refused_before_any_traffic(ep_run):
 
 def test_train_cli_accepts_expert_parallel_flags():
     from ditmoe.cli import build_parser
-    from ditmoe.commands import train_config_from_args
+    from ditmoe.cli.train import train_config_from_args
 
     args = build_parser().parse_args(["train", "--model", "debug", "--parallel", "ep", "--ep-size", "2"])
     cfg, _ = train_config_from_args(args)

@@ -179,13 +179,19 @@ def test_train_help_lists_every_option_with_default(capsys):
     for field in TrainConfig.__dataclass_fields__:
         assert "--" + field.replace("_", "-") in out, field
     flat = " ".join(out.split())
-    assert "--steps INT optimizer steps (global batches) (default: 3000)" in flat  # the field's comment
-    assert "--lr FLOAT (default: 0.0001)" in flat
-    assert "--model-num-experts N 0 makes every block dense (default: registry value)" in flat
+    assert "--steps INT optimizer steps (global batches) (default: 3000)" in flat  # the field's help metadata
+    assert "--lr FLOAT AdamW learning rate (constant after the warm-up) (default: 0.0001)" in flat
+    assert "--process {flow,ddpm} flow (rectified flow)" in flat  # enumerated options show their choices
+    assert "--parallel {none,ddp,fsdp,ep,ep_fsdp,zero2,zero3}" in flat
+    assert "--logger {csv,tensorboard,wandb}[,...]" in flat
+    assert "--progress {true,false} progress bar on the terminal (default: True)" in flat
+    assert ("--model-num-experts INT routed experts per MoE layer; 0 makes every block dense (default: registry "
+            "value)") in flat
+    assert "--model-shared-hidden INT|none" in flat and "--model-attn-layout {qkv,fused_qknorm}" in flat
 
 
 def test_config_file_and_flags(tmp_path):
-    from ditmoe.commands import train_config_from_args
+    from ditmoe.cli.train import train_config_from_args
     from ditmoe.cli import build_parser
 
     cfg_file = tmp_path / "c.yaml"

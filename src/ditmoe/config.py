@@ -11,11 +11,41 @@ import json
 import math
 import numbers
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, get_args, get_type_hints
 
 EXPERT_TYPES = ("swiglu", "gelu")
 ATTN_LAYOUTS = ("qkv", "fused_qknorm")
 MOE_PLACEMENTS = ("all", "every_other", "deep_half", "shallow_half", "none")
+
+
+def option(default: Any, help: str, choices: tuple[str, ...] | None = None, many: bool = False) -> Any:
+    """A config field with its help text and, for enumerated options, the allowed values (`many`:
+    a comma-separated list of them). `ditmoe train`'s flags are made from this metadata and the
+    field's annotation; `validate()` checks the same `choices` for config files and Python callers."""
+    metadata: dict[str, Any] = {"help": help}
+    if choices is not None:
+        metadata["choices"] = tuple(choices)
+    if many:
+        metadata["many"] = True
+    return field(default=default, metadata=metadata)
+
+
+def check_choices(cfg: Any) -> list[str]:
+    """One problem per field whose value is not among its `choices` (each item, for `many` fields)."""
+    problems = []
+    for f in dataclasses.fields(cfg):
+        choices = f.metadata.get("choices")
+        value = getattr(cfg, f.name)
+        if choices is None or not isinstance(value, str):
+            continue
+        if f.metadata.get("many"):
+            items = [k.strip() for k in value.split(",") if k.strip()]
+            if not items or any(k not in choices for k in items):
+                problems.append(f"{f.name} {value!r} is not one of {choices} or a comma-separated list of them "
+                                f"(e.g. '{choices[1]},{choices[2]}')")
+        elif value not in choices:
+            problems.append(f"{f.name} {value!r} is not one of {choices}")
+    return problems
 
 
 @dataclass
@@ -26,34 +56,39 @@ class ModelConfig:
     the shared expert ``2 * D`` (the official "2 shared experts"), dense MLPs ``mlp_ratio * D``.
     """
 
-    name: str = "custom"
-    input_size: int = 32  # latent (or pixel) height = width
-    patch_size: int = 2
-    in_channels: int = 4
-    hidden_size: int = 1152
-    depth: int = 28
-    num_heads: int = 16
-    mlp_ratio: float = 4.0
-    num_classes: int = 1000
-    class_dropout_prob: float = 0.1
-    learn_sigma: bool = True
+    name: str = option("custom", "registry name this config was made from")
+    input_size: int = option(32, "latent (or pixel) height = width")
+    patch_size: int = option(2, "patch side; tokens = (input_size / patch_size)^2")
+    in_channels: int = option(4, "input channels (4 for SD latents, 1 for MNIST pixels)")
+    hidden_size: int = option(1152, "transformer width D")
+    depth: int = option(28, "number of DiT blocks")
+    num_heads: int = option(16, "attention heads (divides hidden_size)")
+    mlp_ratio: float = option(4.0, "MLP / routed expert width as a multiple of hidden_size")
+    num_classes: int = option(1000, "class labels (label num_classes = no label, for guidance)")
+    class_dropout_prob: float = option(0.1, "probability of dropping the label in training (classifier-free guidance)")
+    learn_sigma: bool = option(True, "predict the variance too (DDPM; doubles the output channels)")
     # --- MoE ---
-    num_experts: int = 8  # 0 makes every block dense
-    top_k: int = 2
-    norm_topk: bool = False  # renormalise the k chosen router weights to sum to 1
-    expert_hidden: int | None = None  # routed expert width; None = mlp_ratio * D
-    shared_hidden: int | None = None  # shared expert width; None = 2 * D; 0 = no shared expert
-    expert_type: str = "swiglu"  # "swiglu" (DiT-MoE experts) or "gelu" (original DiT MLP)
-    dense_mlp_type: str = "gelu"  # MLP type of non-MoE blocks (DiT baselines use GELU-tanh)
-    aux_alpha: float = 0.01  # balance-loss weight (paper Eq. 5); 0 disables it
-    moe_placement: str = "all"
+    num_experts: int = option(8, "routed experts per MoE layer; 0 makes every block dense")
+    top_k: int = option(2, "experts chosen per token")
+    norm_topk: bool = option(False, "renormalise the k chosen router weights to sum to 1")
+    expert_hidden: int | None = option(None, "routed expert width; None = mlp_ratio * D")
+    shared_hidden: int | None = option(None, "shared expert width; None = 2 * D; 0 = no shared expert")
+    expert_type: str = option("swiglu", "routed expert MLP: swiglu (DiT-MoE experts) or gelu (original DiT MLP)",
+                              choices=EXPERT_TYPES)
+    dense_mlp_type: str = option("gelu", "MLP type of non-MoE blocks (DiT baselines use GELU-tanh)",
+                                 choices=EXPERT_TYPES)
+    aux_alpha: float = option(0.01, "balance-loss weight (paper Eq. 5); 0 disables it")
+    moe_placement: str = option("all", "which blocks carry a MoE layer (the paper's placement ablation)",
+                                choices=MOE_PLACEMENTS)
     # --- attention ---
-    attn_layout: str = "qkv"  # "qkv": timm qkv/proj (S, B); "fused_qknorm": Wqkv + q/k LayerNorm (XL, G)
+    attn_layout: str = option("qkv", "qkv: timm qkv/proj (S, B); fused_qknorm: Wqkv + q/k LayerNorm (XL, G)",
+                              choices=ATTN_LAYOUTS)
     # --- time conditioning ---
-    # The model embeds `t * timestep_scale`. DDPM feeds step indices in [0, 999] (scale 1); the
-    # released rectified-flow checkpoints feed t in (0, 1) unscaled (scale 1), flows trained here
-    # use 1000 so the sinusoid sees the same range as DDPM.
-    timestep_scale: float = 1.0
+    # DDPM feeds step indices in [0, 999] (scale 1); the released rectified-flow checkpoints feed
+    # t in (0, 1) unscaled (scale 1); flows trained here use 1000 so the sinusoid sees the same
+    # range as DDPM.
+    timestep_scale: float = option(1.0, "the model embeds t * timestep_scale (1 for DDPM and the released "
+                                   "flow checkpoints, 1000 for flows trained here)")
 
     # ------------------------------------------------------------------ derived
     @property
@@ -115,14 +150,7 @@ class ModelConfig:
             problems.append(
                 f"top_k {self.top_k} must be between 1 and num_experts {self.num_experts}"
             )
-        if self.expert_type not in EXPERT_TYPES:
-            problems.append(f"expert_type {self.expert_type!r} is not one of {EXPERT_TYPES}")
-        if self.dense_mlp_type not in EXPERT_TYPES:
-            problems.append(f"dense_mlp_type {self.dense_mlp_type!r} is not one of {EXPERT_TYPES}")
-        if self.attn_layout not in ATTN_LAYOUTS:
-            problems.append(f"attn_layout {self.attn_layout!r} is not one of {ATTN_LAYOUTS}")
-        if self.moe_placement not in MOE_PLACEMENTS:
-            problems.append(f"moe_placement {self.moe_placement!r} is not one of {MOE_PLACEMENTS}")
+        problems += check_choices(self)  # expert_type, dense_mlp_type, attn_layout, moe_placement
         if self.aux_alpha < 0:
             problems.append(f"aux_alpha must be >= 0, got {self.aux_alpha}")
         if self.shared_hidden is not None and self.shared_hidden < 0:
@@ -165,13 +193,21 @@ class ModelConfig:
         return dataclasses.replace(self, **overrides)
 
 
-def config_field_names(cls: type) -> list[str]:
-    return [f.name for f in dataclasses.fields(cls)]
-
-
-__all__ = ["ModelConfig", "EXPERT_TYPES", "ATTN_LAYOUTS", "MOE_PLACEMENTS", "config_field_names", "check_field_types", "field"]
+__all__ = ["ModelConfig", "TrainConfig", "EXPERT_TYPES", "ATTN_LAYOUTS", "MOE_PLACEMENTS", "PROCESSES", "PRECISIONS",
+           "PARALLEL_MODES", "LOGGERS", "PROCESS_SAMPLERS", "SAMPLER_STEPS",
+           "check_choices", "default_sampler", "default_steps", "check_field_types", "option"]
 
 _TYPE_WORDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+
+def field_type(hint: Any) -> tuple[type, bool]:
+    """(bool, int, float or str; whether None is allowed too) for a config field's annotation."""
+    args = [a for a in get_args(hint) if a is not type(None)]
+    optional = len(args) < len(get_args(hint))
+    base = args[0] if len(args) == 1 else hint
+    if base not in _TYPE_WORDS:
+        raise TypeError(f"config fields are bool, int, float or str (optionally | None), got {hint}")
+    return base, optional
 
 
 def check_field_types(cls: type, values: dict[str, Any], where: str) -> dict[str, Any]:
@@ -181,18 +217,13 @@ def check_field_types(cls: type, values: dict[str, Any], where: str) -> dict[str
     meaning is unambiguous: an integral float for an int, a numeric string for a float (YAML 1.1
     reads `1e-4` as a string), a number for a string field.
     """
-    from typing import get_type_hints
-
     hints = get_type_hints(cls)
     out = dict(values)
     for key, value in values.items():
         if key not in hints:
             continue
-        hint = hints[key]
-        optional = "None" in str(hint)  # "int | None"
-        base = hint if hint in (bool, int, float, str) else next(
-            (t for t in (int, float, str) if optional and str(hint).startswith(t.__name__)), None)
-        if base is None or (optional and value is None):
+        base, optional = field_type(hints[key])
+        if optional and value is None:
             continue
         number = isinstance(value, numbers.Real) and not isinstance(value, bool)  # numpy scalars too
         ok = True
@@ -229,6 +260,29 @@ PROCESSES = ("flow", "ddpm")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 PARALLEL_MODES = ("none", "ddp", "fsdp", "ep", "ep_fsdp", "zero2", "zero3")
 LOGGERS = ("csv", "tensorboard", "wandb")  # CSV files are written under every choice
+BALANCE_SCOPES = ("local", "global")
+VERIFY_MODES = ("fast", "full", "none")
+WEIGHT_KINDS = ("ema", "model")
+TIME_DISTS = ("logit_normal", "uniform")
+NOISE_SCHEDULES = ("linear", "cosine")
+WANDB_MISSING = ("logger 'wandb' needs the wandb package, which the default install leaves out: pip install wandb "
+                 "(WANDB_MODE=offline logs without an account; `wandb sync` uploads later), or train with "
+                 "--logger tensorboard")
+
+
+# Sampling: which samplers fit each process (the first is its default) and each sampler's default
+# step count; `ditmoe sample / analyze`, generate() and the training previews read these.
+PROCESS_SAMPLERS = {"ddpm": ("ddpm", "ddim"), "flow": ("euler", "heun")}
+SAMPLER_STEPS = {"ddpm": 250, "ddim": 50, "euler": 50, "heun": 25}
+
+
+def default_sampler(process: str) -> str:
+    """The sampler used for `process` when none is named: ddpm for DDPM models, euler for flows."""
+    return PROCESS_SAMPLERS[process][0]
+
+
+def default_steps(sampler: str) -> int:
+    return SAMPLER_STEPS[sampler]
 
 
 def logger_kinds(logger: str) -> list[str]:
@@ -240,70 +294,78 @@ def logger_kinds(logger: str) -> list[str]:
 class TrainConfig:
     """Everything `ditmoe train` needs besides the model; CLI flags and config files are made from it."""
 
-    model: str = "DiT-MoE-mnist"  # registry name (see `ditmoe info --list`)
-    data: str = "mnist"  # "mnist", "digits", an image folder (one subfolder per class) or a latent cache
-    out: str = "runs/mnist"  # output folder: checkpoints, logs, samples
-    process: str = "flow"  # "flow" (rectified flow) or "ddpm" (Gaussian diffusion, MSE + VB)
-    steps: int = 3000  # optimizer steps (global batches)
-    global_batch: int = 128  # images per optimizer step, summed over processes and accumulation
-    micro_batch: int = 0  # images per forward on one process; 0 = global_batch / world size (no accumulation)
-    lr: float = 1e-4
-    warmup_steps: int = 0  # linear warm-up, then constant (the paper's schedule)
-    weight_decay: float = 0.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    grad_clip: float = 0.0  # max global grad norm; 0 disables
-    ema_decay: float = 0.9999
-    ema_warmup: bool = True  # decay min(ema_decay, (1 + step) / (10 + step)); false = the fixed decay of DiT
-    precision: str = "auto"  # "auto": bf16 on CUDA, and on CPU where it measured faster; "fp32"; "bf16"; "fp16" (with loss scaling)
-    grad_checkpointing: bool = False
-    compile: bool = False  # torch.compile the model
-    parallel: str = "none"  # "none", "ddp", "fsdp", "ep", "ep_fsdp", or DeepSpeed "zero2" / "zero3" (docs/scaling.md)
-    ep_size: int = 0  # expert-parallel group size for "ep" / "ep_fsdp" (divides world and num_experts); 0 = world
-    balance_scope: str = "local"  # balance loss over each process's tokens ("local", as the official code) or all processes' ("global")
-    deepspeed_offload: bool = False  # zero2 / zero3: optimizer state (and zero3 parameters) in host memory
-    deepspeed_config: str = ""  # zero2 / zero3: a DeepSpeed JSON merged over the generated config
-    seed: int = 0
-    num_workers: int = 0  # data-loader worker processes (image folders benefit; in-memory MNIST does not)
-    flip: bool = True  # random horizontal flips (image folders and latent caches; never for digits)
-    allow_upscale: bool = False  # image folders: upscale (bicubic) images smaller than the model input instead of refusing the folder
-    grayscale: bool = False  # image folders: read the images as one channel (L) instead of RGB
-    verify_images: str = "fast"  # image folders: check every file before training: "fast" (headers and structure), "full" (decode each image once; also finds truncated JPEGs) or "none"; unreadable files are left out and reported
-    log_every: int = 50  # steps between log lines / CSV rows; 0 = one row, at the end
-    ckpt_every: int = 1000  # steps between checkpoints; 0 = only the one always written at the end
-    keep_last: int = 2  # checkpoints kept on disk
-    resume: str = ""  # "" (fresh; refused if out holds a run), "auto" (the newest checkpoint in out/checkpoints; where there is none, a new run starts and says so) or a checkpoint path
-    init_from: str = ""  # start a new run (step 0, fresh optimizer, EMA = these weights) from a training checkpoint, a model file (model_ema.safetensors, ditmoe upcycle / convert output) or an official DiT-MoE / DiT checkpoint; its shapes must be the run's model's, apart from the class count and the input size
-    init_weights: str = "ema"  # with init_from a training checkpoint: its "ema" weights or the raw "model" ones
-    overwrite: bool = False  # start afresh in an out folder that holds a run, deleting that run's checkpoints, logs and weights (other files stay)
-    logger: str = "tensorboard"  # metrics.csv and expert_load.csv always; "tensorboard" adds OUT/tensorboard, "wandb" Weights & Biases (pip install wandb; WANDB_MODE=offline works without an account), "tensorboard,wandb" both, "csv" nothing more
-    sample_every: int = 0  # steps between preview grids from the EMA weights (OUT/previews/step_XXXXXXX.png and the logger; also at the last step); 0 = off
+    model: str = option("DiT-MoE-mnist", "registry name (see `ditmoe info --list`)")
+    data: str = option("mnist", "mnist, digits, an image folder (one subfolder per class) or a latent cache")
+    out: str = option("runs/mnist", "output folder: checkpoints, logs, samples")
+    process: str = option("flow", "flow (rectified flow) or ddpm (Gaussian diffusion, MSE + VB)", choices=PROCESSES)
+    steps: int = option(3000, "optimizer steps (global batches)")
+    global_batch: int = option(128, "images per optimizer step, summed over processes and accumulation")
+    micro_batch: int = option(0, "images per forward on one process; 0 = global_batch / world size (no accumulation)")
+    lr: float = option(1e-4, "AdamW learning rate (constant after the warm-up)")
+    warmup_steps: int = option(0, "linear warm-up, then constant (the paper's schedule)")
+    weight_decay: float = option(0.0, "AdamW weight decay")
+    adam_beta1: float = option(0.9, "AdamW beta1")
+    adam_beta2: float = option(0.999, "AdamW beta2")
+    grad_clip: float = option(0.0, "max global grad norm; 0 disables")
+    ema_decay: float = option(0.9999, "decay of the EMA weights (what sampling and evaluation use)")
+    ema_warmup: bool = option(True, "decay min(ema_decay, (1 + step) / (10 + step)); false = the fixed decay of DiT")
+    precision: str = option("auto", "auto: bf16 on CUDA, and on CPU where it measured faster; fp32; bf16; fp16 "
+                            "(with loss scaling)", choices=PRECISIONS)
+    grad_checkpointing: bool = option(False, "recompute each block's activations in the backward pass (less memory)")
+    compile: bool = option(False, "torch.compile the model")
+    parallel: str = option("none", "none, ddp, fsdp, ep, ep_fsdp, or DeepSpeed zero2 / zero3 (docs/scaling.md)",
+                           choices=PARALLEL_MODES)
+    ep_size: int = option(0, "expert-parallel group size for ep / ep_fsdp (divides world and num_experts); 0 = world")
+    balance_scope: str = option("local", "balance loss over each process's tokens (local, as the official code) or "
+                                "all processes' (global)", choices=BALANCE_SCOPES)
+    deepspeed_offload: bool = option(False, "zero2 / zero3: optimizer state (and zero3 parameters) in host memory")
+    deepspeed_config: str = option("", "zero2 / zero3: a DeepSpeed JSON merged over the generated config")
+    seed: int = option(0, "seed of the weights, the data order, the noise and the label dropout")
+    num_workers: int = option(0, "data-loader worker processes (image folders benefit; in-memory MNIST does not)")
+    flip: bool = option(True, "random horizontal flips (image folders and latent caches; never for digits)")
+    allow_upscale: bool = option(False, "image folders: upscale (bicubic) images smaller than the model input "
+                                 "instead of refusing the folder")
+    grayscale: bool = option(False, "image folders: read the images as one channel (L) instead of RGB")
+    verify_images: str = option("fast", "image folders: check every file before training: fast (headers and "
+                                "structure), full (decode each image once; also finds truncated JPEGs) or none; "
+                                "unreadable files are left out and reported", choices=VERIFY_MODES)
+    log_every: int = option(50, "steps between log lines / CSV rows; 0 = one row, at the end")
+    ckpt_every: int = option(1000, "steps between checkpoints; 0 = only the one always written at the end")
+    keep_last: int = option(2, "checkpoints kept on disk")
+    resume: str = option("", "'' (fresh; refused if out holds a run), auto (the newest checkpoint in "
+                         "out/checkpoints; where there is none, a new run starts and says so) or a checkpoint path")
+    init_from: str = option("", "start a new run (step 0, fresh optimizer, EMA = these weights) from a training "
+                            "checkpoint, a model file (model_ema.safetensors, ditmoe upcycle / convert output) or an "
+                            "official DiT-MoE / DiT checkpoint; its shapes must be the run's model's, apart from the "
+                            "class count and the input size")
+    init_weights: str = option("ema", "with init_from a training checkpoint: its ema weights or the raw model ones",
+                               choices=WEIGHT_KINDS)
+    overwrite: bool = option(False, "start afresh in an out folder that holds a run, deleting that run's "
+                             "checkpoints, logs and weights (other files stay)")
+    logger: str = option("tensorboard", "metrics.csv and expert_load.csv always; tensorboard adds OUT/tensorboard, "
+                         "wandb Weights & Biases (pip install wandb; WANDB_MODE=offline works without an account), "
+                         "tensorboard,wandb both, csv nothing more", choices=LOGGERS, many=True)
+    sample_every: int = option(0, "steps between preview grids from the EMA weights (OUT/previews/step_XXXXXXX.png "
+                               "and the logger; also at the last step); 0 = off")
     # rectified flow
-    time_dist: str = "logit_normal"
-    time_mean: float = 0.0
-    time_std: float = 1.0
+    time_dist: str = option("logit_normal", "flow: distribution of the training times", choices=TIME_DISTS)
+    time_mean: float = option(0.0, "flow: mean of the logit-normal times")
+    time_std: float = option(1.0, "flow: std of the logit-normal times")
     # DDPM
-    noise_schedule: str = "linear"
-    diffusion_steps: int = 1000
-    progress: bool = True  # progress bar on the terminal
+    noise_schedule: str = option("linear", "ddpm: beta schedule", choices=NOISE_SCHEDULES)
+    diffusion_steps: int = option(1000, "ddpm: diffusion steps of the training process")
+    progress: bool = option(True, "progress bar on the terminal")
 
     def validate(self) -> "TrainConfig":
         """Raise ValueError naming every bad setting and its allowed range; return self for chaining."""
         for key, value in check_field_types(type(self), dataclasses.asdict(self), "invalid training config").items():
             setattr(self, key, value)  # e.g. lr "1e-4" (a string in YAML 1.1) becomes 1e-4
         problems = []
-        if self.process not in PROCESSES:
-            problems.append(f"process {self.process!r} is not one of {PROCESSES}")
-        if self.precision not in PRECISIONS:
-            problems.append(f"precision {self.precision!r} is not one of {PRECISIONS}")
-        if self.parallel not in PARALLEL_MODES:
-            problems.append(f"parallel {self.parallel!r} is not one of {PARALLEL_MODES}")
+        problems += check_choices(self)  # process, precision, parallel, logger, ... (their `choices`)
         if (self.deepspeed_offload or self.deepspeed_config) and self.parallel not in ("zero2", "zero3"):
             problems.append("deepspeed_offload / deepspeed_config need --parallel zero2 or zero3")
         if self.compile and self.parallel in ("zero2", "zero3"):
             problems.append("compile is not supported with the DeepSpeed layouts; drop --compile or use fsdp")
-        if self.balance_scope not in ("local", "global"):
-            problems.append(f"balance_scope {self.balance_scope!r} is not 'local' or 'global'")
         if self.ep_size < 0:
             problems.append(f"ep_size must be >= 0 (0 = the whole world), got {self.ep_size}")
         if not self.out.strip():
@@ -339,25 +401,11 @@ class TrainConfig:
             problems.append(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.time_std <= 0:
             problems.append(f"time_std must be positive, got {self.time_std}")
-        if self.time_dist not in ("logit_normal", "uniform"):
-            problems.append(f"time_dist {self.time_dist!r} is not 'logit_normal' or 'uniform'")
-        if self.noise_schedule not in ("linear", "cosine"):
-            problems.append(f"noise_schedule {self.noise_schedule!r} is not 'linear' or 'cosine'")
-        bad = [k for k in logger_kinds(self.logger) if k not in LOGGERS]
-        if bad or not logger_kinds(self.logger):
-            problems.append(f"logger {self.logger!r} is not one of {LOGGERS} or a comma-separated list of them "
-                            "(e.g. 'tensorboard,wandb')")
-        elif "wandb" in logger_kinds(self.logger):
+        if "wandb" in logger_kinds(self.logger):
             import importlib.util
 
             if importlib.util.find_spec("wandb") is None:
-                from .train.progress import WANDB_MISSING
-
                 problems.append(WANDB_MISSING)
-        if self.verify_images not in ("fast", "full", "none"):
-            problems.append(f"verify_images {self.verify_images!r} is not 'fast', 'full' or 'none'")
-        if self.init_weights not in ("ema", "model"):
-            problems.append(f"init_weights {self.init_weights!r} is not 'ema' or 'model'")
         if self.init_from and self.resume:
             problems.append(f"init_from and resume contradict each other: --resume continues a run from its checkpoint "
                             f"(step, optimizer and all), --init-from starts a new run from weights; give one of them "

@@ -110,10 +110,12 @@ def run_study(out: str | Path, steps: int = 2200, global_batch: int = 64, lr: fl
         if ref_stats is None:
             ref_stats = out / "reference_stats.npz"
             if data == "mnist":
-                from .commands_generate import ensure_mnist_classifier, mnist_reference_images
+                from .eval.mnist_classifier import ensure_mnist_classifier
+                from .eval.reference import load_reference_images
 
                 ensure_mnist_classifier()
-                compute_reference_stats(mnist_reference_images(), extractor="mnist", out=ref_stats)
+                # the 10k MNIST test images padded to 32 px, as the models train on them
+                compute_reference_stats(load_reference_images("mnist"), extractor="mnist", out=ref_stats)
             else:  # the smoke test: real images of the same source as the reference
                 from .data import build_dataset
 

@@ -16,7 +16,7 @@ from typing import Any, Optional, Union
 
 import numpy as np
 
-from .features import FeatureExtractor, ImageBatch, to_uint8_nhwc
+from .features import FeatureExtractor, ImageBatch, extractor_digest, to_uint8_nhwc
 from .metrics import feature_statistics, frechet_distance, inception_score, manifold_radii, precision_recall
 from .npz import load_reference_stats, load_samples_npz, save_reference_stats
 
@@ -100,8 +100,6 @@ def check_reference_fits(ref: PathLike, stored: dict[str, Any], ext: FeatureExtr
     images of another size than the samples' (28 and 32 px count as one for the MNIST classifier,
     which pads 28 to 32)."""
     if stored.get("extractor_digest") is not None:
-        from .reference import extractor_digest
-
         digest = extractor_digest(ext)
         if stored["extractor"] != ext.name or stored["extractor_digest"] != digest:
             raise ValueError(

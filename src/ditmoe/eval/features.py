@@ -16,6 +16,7 @@ Images come in one of two conventions (see `to_uint8_nhwc`):
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 from typing import Callable, Optional, Union
@@ -30,6 +31,7 @@ __all__ = [
     "FeatureExtractor",
     "ModuleFeatureExtractor",
     "cache_dir",
+    "extractor_digest",
     "to_uint8_nhwc",
 ]
 
@@ -134,3 +136,17 @@ class ModuleFeatureExtractor(FeatureExtractor):
     def _forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         x = self.preprocess(images) if self.preprocess is not None else images
         return {"pool": self.module(x)}
+
+
+def extractor_digest(ext: FeatureExtractor) -> str:
+    """sha256 (first 16 hex digits) of the extractor's name and weights: names, dtypes, shapes and
+    bytes of its network's state dict, so the same weights give the same digest wherever they live."""
+    h = hashlib.sha256(ext.name.encode())
+    module = next((getattr(ext, a) for a in ("model", "net", "module")
+                   if isinstance(getattr(ext, a, None), torch.nn.Module)), None)
+    if module is not None:
+        for key, value in sorted(module.state_dict().items()):
+            t = value.detach().cpu().contiguous().reshape(-1)
+            h.update(f"{key}:{t.dtype}:{tuple(value.shape)}".encode())
+            h.update(t.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]

@@ -32,6 +32,7 @@ __all__ = [
     "MNISTClassifier",
     "MNISTClassifierExtractor",
     "default_classifier_path",
+    "ensure_mnist_classifier",
     "load_mnist",
     "load_mnist_classifier",
     "mnist_to_input",
@@ -113,6 +114,16 @@ class MNISTClassifier(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
+
+
+def ensure_mnist_classifier(path: Union[str, Path, None] = None) -> Path:
+    """The cached MNIST evaluation classifier's path, training it first (once) where it is missing;
+    its test accuracy is printed."""
+    path = Path(path) if path else default_classifier_path()
+    if not path.is_file():
+        print(f"training the MNIST evaluation classifier once (cached at {path})")
+        train_mnist_classifier(path)
+    return path
 
 
 def load_mnist_classifier(path: Union[str, Path, None] = None,

@@ -22,7 +22,7 @@ from typing import Any, Optional, Union
 import numpy as np
 import torch
 
-from .features import FeatureExtractor, cache_dir
+from .features import FeatureExtractor, cache_dir, extractor_digest
 
 PathLike = Union[str, Path]
 NAMED = ("mnist", "digits")
@@ -146,21 +146,6 @@ def load_reference_images(data: PathLike, image_size: Optional[int] = None,
         x = pad_to(np.repeat(np.repeat(x, s, axis=1), s, axis=2), size)
         return x[_subset(len(x), max_images)][..., None]
     return _read_folder(Path(data).expanduser(), image_size, max_images)
-
-
-# --------------------------------------------------------------------------- extractor
-def extractor_digest(ext: FeatureExtractor) -> str:
-    """sha256 (first 16 hex digits) of the extractor's name and weights: names, dtypes, shapes and
-    bytes of its network's state dict, so the same weights give the same digest wherever they live."""
-    h = hashlib.sha256(ext.name.encode())
-    module = next((getattr(ext, a) for a in ("model", "net", "module")
-                   if isinstance(getattr(ext, a, None), torch.nn.Module)), None)
-    if module is not None:
-        for key, value in sorted(module.state_dict().items()):
-            t = value.detach().cpu().contiguous().reshape(-1)
-            h.update(f"{key}:{t.dtype}:{tuple(value.shape)}".encode())
-            h.update(t.view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:16]
 
 
 # -------------------------------------------------------------------------- statistics

@@ -11,6 +11,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..config import WANDB_MISSING, logger_kinds
+
 
 class Progress:
     """tqdm bar over optimizer steps with loss, balance loss and images/s (tqdm adds the ETA)."""
@@ -88,8 +90,6 @@ class RunLogger:
 
     def __init__(self, out: Path, enabled: bool, kind: str = "tensorboard", start_step: int = 0,
                  config: dict[str, Any] | None = None):
-        from ..config import logger_kinds
-
         self.enabled, self.out = enabled, Path(out)
         self._metrics_file = self._load_file = self._tb = self._wandb = None
         self._metric_keys: list[str] | None = None
@@ -169,11 +169,6 @@ class RunLogger:
             self._tb.close()
         if self._wandb is not None:
             self._wandb.finish()
-
-
-WANDB_MISSING = ("logger 'wandb' needs the wandb package, which the default install leaves out: pip install wandb "
-                 "(WANDB_MODE=offline logs without an account; `wandb sync` uploads later), or train with "
-                 "--logger tensorboard")
 
 
 def _start_wandb(out: Path, start_step: int, config: dict[str, Any] | None):

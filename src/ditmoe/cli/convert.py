@@ -1,31 +1,12 @@
-"""`ditmoe` command line: train | sample | eval | analyze | info | convert | upcycle | ...
-
-Each subcommand lives in its own small function and imports what it needs on first use, so
-`ditmoe --help` and `ditmoe info` start fast.
-"""
+"""`ditmoe info | convert | upcycle`: model sizes, checkpoint formats, dense -> MoE upcycling."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
-from typing import Callable
 
-COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {}
-
-
-def command(name: str, help_text: str):
-    """Register `add_args` / `run` pairs for a subcommand."""
-
-    def wrap(add_args):
-        def with_run(run):
-            COMMANDS[name] = (help_text, add_args, run)
-            return run
-
-        return with_run
-
-    return wrap
+from ._command import Command
 
 
 # ------------------------------------------------------------------------------ info
@@ -36,10 +17,9 @@ def _info_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
-@command("info", "parameters, activated parameters and GFLOPs of a model")(_info_args)
 def _info(args: argparse.Namespace) -> int:
-    from .accounting import format_count, model_stats
-    from .registry import get_config, model_names
+    from ..accounting import format_count, model_stats
+    from ..registry import get_config, model_names
 
     names = model_names() if args.list or not args.name else [args.name]
     rows = []
@@ -75,13 +55,12 @@ def _convert_args(p: argparse.ArgumentParser) -> None:
                    help="time convention of the checkpoint (1 for the released checkpoints)")
 
 
-@command("convert", "convert checkpoints: official layout, this package, model folders, diffusers")(_convert_args)
 def _convert(args: argparse.Namespace) -> int:
-    from .convert import (atomic_write, check_checkpoint_path, check_output_dir, check_output_file,
+    from ..convert import (atomic_write, check_checkpoint_path, check_output_dir, check_output_file,
                           export_official, load_model_and_info, run_process_near, save_model)
 
     if args.from_format == "diffusers":
-        from .pretrained import is_diffusers_folder
+        from ..pretrained import is_diffusers_folder
 
         if not is_diffusers_folder(args.src):
             raise ValueError(f"--from diffusers: SRC {args.src} is not a diffusers model folder (a folder whose "
@@ -103,11 +82,11 @@ def _convert(args: argparse.Namespace) -> int:
     if args.to == "package":
         save_model(model, args.dst, extra_meta=meta)
     elif args.to == "folder":
-        from .pretrained import save_pretrained
+        from ..pretrained import save_pretrained
 
         save_pretrained(model, dst, process=process, weights=info["weights"])
     elif args.to == "diffusers":
-        from .export import save_diffusers
+        from ..export import save_diffusers
 
         save_diffusers(model, dst, process=process)
     else:
@@ -160,9 +139,8 @@ def _upcycle_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
 
 
-@command("upcycle", "turn a dense DiT checkpoint into a DiT-MoE (experts copied from the dense MLP)")(_upcycle_args)
 def _upcycle(args: argparse.Namespace) -> int:
-    from .convert import (check_checkpoint_path, check_output_file, load_model_and_info, run_process_near,
+    from ..convert import (check_checkpoint_path, check_output_file, load_model_and_info, run_process_near,
                           save_model, upcycle)
 
     check_checkpoint_path(args.src, "SRC")
@@ -179,74 +157,11 @@ def _upcycle(args: argparse.Namespace) -> int:
     return 0
 
 
-# ------------------------------------------------------------------------------ main
-def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
-
-    _register_heavy_commands()
-    parser = argparse.ArgumentParser(prog="ditmoe", description="Sparse Mixture-of-Experts diffusion transformers (DiT-MoE).")
-    parser.add_argument("--version", action="version", version=f"ditmoe {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, (help_text, add_args, _) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text,
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-        add_args(p)
-    return parser
-
-
-def _register_heavy_commands() -> None:
-    """Commands defined in other modules register themselves on import (kept cheap: no torch)."""
-    from . import commands, commands_generate, commands_report  # noqa: F401
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not args.command:
-        parser.print_help()
-        return 2
-    from .cpu_allocator import keep_freed_memory
-
-    keep_freed_memory()  # page faults on freshly mapped tensors otherwise cost CPU runs up to 40% of their time
-    import os
-
-    try:
-        return COMMANDS[args.command][2](args) or 0
-    except (ValueError, FileNotFoundError) as e:
-        # Bad input: one clear line, no traceback (DITMOE_DEBUG=1 shows it).
-        if os.environ.get("DITMOE_DEBUG"):
-            raise
-        print(f"ditmoe {args.command}: error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:
-        # The machine refused a read or write (full disk, read-only folder): name the file and the remedy.
-        if os.environ.get("DITMOE_DEBUG"):
-            raise
-        print(f"ditmoe {args.command}: error: {describe_os_error(e)}", file=sys.stderr)
-        return 1
-    except RuntimeError as e:
-        from .convert import _is_torch_write_failure, disk_write_error
-
-        if not _is_torch_write_failure(e) or os.environ.get("DITMOE_DEBUG"):
-            raise
-        print(f"ditmoe {args.command}: error: {describe_os_error(disk_write_error('', e))}", file=sys.stderr)
-        return 1
-
-
-def describe_os_error(e: OSError) -> str:
-    """One line: what failed on which path, and what to do about it."""
-    import errno
-
-    where = f" {e.filename}" if e.filename else ""
-    what = e.strerror or str(e)
-    if e.errno == errno.ENOSPC:
-        return f"writing{where} failed: no space left on the device ({what}); free space or write elsewhere"
-    if e.errno == errno.EDQUOT:
-        return f"writing{where} failed: disk quota exceeded ({what}); free space or write elsewhere"
-    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        return f"cannot write or read{where} ({what}); choose a writable folder or fix its permissions"
-    if e.errno == errno.EISDIR:
-        return f"{where.strip()} is a folder where a file was expected ({what})"
-    if e.errno == errno.ENOTDIR:
-        return f"a part of{where} is a file where a folder was expected ({what})"
-    return f"{'I/O error on' + where if where else 'I/O error'}: {what} (errno {e.errno})"
+COMMANDS = [
+    Command("info", "parameters, activated parameters and GFLOPs of a model",
+            _info_args, _info),
+    Command("convert", "convert checkpoints: official layout, this package, model folders, diffusers",
+            _convert_args, _convert),
+    Command("upcycle", "turn a dense DiT checkpoint into a DiT-MoE (experts copied from the dense MLP)",
+            _upcycle_args, _upcycle),
+]
