@@ -50,8 +50,7 @@ def model_stats(cfg: ModelConfig, image_size: int = 256, vae_downsample: int = 8
     activated = total - inactive
 
     d, p = cfg.hidden_size, cfg.patch_size
-    latent = image_size // vae_downsample
-    tokens = (latent // p) ** 2
+    tokens = cfg.tokens(image_size, vae_downsample)
     per_token = 0
     for is_moe in cfg.moe_blocks():
         per_token += 4 * d * d  # qkv + output projection

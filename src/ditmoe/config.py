@@ -97,7 +97,13 @@ class ModelConfig:
 
     @property
     def num_patches(self) -> int:
-        return (self.input_size // self.patch_size) ** 2
+        return self.tokens()
+
+    def tokens(self, image_size: int | None = None, vae_downsample: int = 1) -> int:
+        """Tokens per image: (latent side / patch_size)^2, the latent side being image_size /
+        vae_downsample (default: the model's own input_size). The one token count of the package."""
+        side = self.input_size if image_size is None else image_size // vae_downsample
+        return (side // self.patch_size) ** 2
 
     @property
     def routed_hidden(self) -> int:

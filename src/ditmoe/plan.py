@@ -80,7 +80,7 @@ class PlanInput:
 
     @property
     def tokens_per_image(self) -> int:
-        return (self.image_size // self.vae_downsample // self.model.patch_size) ** 2
+        return self.model.tokens(self.image_size, self.vae_downsample)
 
     @property
     def compute_bytes(self) -> int:

@@ -5,7 +5,6 @@ Names follow the paper: size letter, patch size, then ``{E}E{k}A`` (E routed exp
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 from .config import ModelConfig
@@ -88,15 +87,3 @@ def create_model(name: str | ModelConfig, device: Any = None, **overrides: Any):
 
     with torch.device(device):
         return DiT(cfg)
-
-
-_NAME_RE = re.compile(r"^DiT(-MoE)?-(S|B|L|XL|G)/(\d+)(?:-(\d+)E(\d+)A)?$")
-
-
-def parse_name(name: str) -> dict[str, Any] | None:
-    """Split a family name into its parts, or None if it is not one (used in error hints)."""
-    m = _NAME_RE.match(name)
-    if not m:
-        return None
-    return {"moe": bool(m.group(1)), "size": m.group(2), "patch": int(m.group(3)),
-            "experts": int(m.group(4) or 0), "top_k": int(m.group(5) or 0)}
