@@ -38,13 +38,14 @@ def check_choices(cfg: Any) -> list[str]:
         value = getattr(cfg, f.name)
         if choices is None or not isinstance(value, str):
             continue
+        words = ", ".join(repr(c) for c in choices[:-1]) + f" or {choices[-1]!r}"  # 'fast', 'full' or 'none'
         if f.metadata.get("many"):
             items = [k.strip() for k in value.split(",") if k.strip()]
             if not items or any(k not in choices for k in items):
-                problems.append(f"{f.name} {value!r} is not one of {choices} or a comma-separated list of them "
+                problems.append(f"{f.name} {value!r} is not {words}, nor a comma-separated list of them "
                                 f"(e.g. '{choices[1]},{choices[2]}')")
         elif value not in choices:
-            problems.append(f"{f.name} {value!r} is not one of {choices}")
+            problems.append(f"{f.name} {value!r} is not {words}")
     return problems
 
 

@@ -7,7 +7,7 @@ import json
 import os
 from pathlib import Path
 
-from ..config import PROCESS_SAMPLERS, SAMPLER_STEPS, default_sampler, default_steps
+from ..config import PROCESS_SAMPLERS, PROCESSES, SAMPLER_STEPS, default_sampler, default_steps
 from ..devices import resolve_device
 from ._command import Command
 
@@ -22,7 +22,7 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--weights", choices=["ema", "model"], default="ema",
                    help="for training checkpoints: the EMA weights (default, what results use) or the raw ones")
-    p.add_argument("--process", choices=list(PROCESS_SAMPLERS), default=None,
+    p.add_argument("--process", choices=list(PROCESSES), default=None,
                    help="process the model was trained with (default: read from the run's config)")
     p.add_argument("--sampler", choices=list(SAMPLER_STEPS), default=None, help=f"default: {_SAMPLER_TEXT}")
     p.add_argument("--steps", type=int, default=None, help=f"sampling steps (default: {_STEPS_TEXT})")

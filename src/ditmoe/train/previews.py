@@ -69,10 +69,10 @@ class PreviewWriter:
     def __init__(self, out: Path, process: str, num_classes: int, autocast_dtype: torch.dtype | None,
                  decode: Callable[[torch.Tensor], torch.Tensor] | None = None, steps: int = PREVIEW_STEPS,
                  cfg_scale: float = PREVIEW_CFG):
-        from ..samplers import PROCESS_SAMPLERS
+        from ..config import default_sampler
 
         self.out, self.process, self.decode = Path(out), process, decode
-        self.sampler = PROCESS_SAMPLERS[process][0]  # the process's default: euler (flow), ddpm
+        self.sampler = default_sampler(process)  # euler (flow), ddpm
         self.steps, self.cfg_scale = steps, cfg_scale
         self.labels = preview_labels(num_classes)
         self.precision = precision_name(autocast_dtype)
