@@ -207,12 +207,12 @@ def randomize_zero_init(model: torch.nn.Module, seed: int = 0, std: float = 0.1)
 
 
 def build_package_model(name: str, device: torch.device, seed: int = 0) -> torch.nn.Module:
-    from ditmoe import create_model
+    from ditmoe import create_model, kernels
 
     torch.manual_seed(seed)
     model = create_model(name, device=device)  # built in place: XL/G weights never pass through the host
     randomize_zero_init(model, seed)
-    return model
+    return kernels.apply(model)
 
 
 class exact_fp32:
@@ -362,6 +362,7 @@ def make_batch(cfg, n: int, device: torch.device, seed: int = 0) -> dict[str, to
 
 # ------------------------------------------------------------------------------ benchmarks
 def bench_layer(args, device, checks: Checks) -> dict[str, Any]:
+    from ditmoe import kernels
     from ditmoe.models.moe import MoE
 
     shapes = QUICK_LAYER_SHAPES if args.quick else LAYER_SHAPES
@@ -372,7 +373,7 @@ def bench_layer(args, device, checks: Checks) -> dict[str, Any]:
         log(f"[layer] {shape}: batch {batch} x {args.tokens} tokens, {NUM_EXPERTS} experts top-{TOP_K}, "
             f"expert hidden {4 * d}, shared {2 * d}")
         torch.manual_seed(0)
-        pkg = MoE(d, NUM_EXPERTS, TOP_K, 4 * d, 2 * d).to(device)
+        pkg = kernels.apply(MoE(d, NUM_EXPERTS, TOP_K, 4 * d, 2 * d).to(device))
         off = official_from_package(pkg, args.official_tp)
         bound = DenseBound(d, TOP_K, 4 * d, 2 * d).to(device)
         x = torch.randn(batch, args.tokens, d, device=device)
@@ -380,7 +381,7 @@ def bench_layer(args, device, checks: Checks) -> dict[str, Any]:
             parity = layer_parity(pkg, off, x[: max(1, min(2, batch))])
         log_parity(f"layer {label}", parity, checks)
         with torch.no_grad():
-            idx, _, _ = pkg.gate(x.reshape(-1, d))
+            idx = pkg.gate(x.reshape(-1, d)).expert_ids
             load = torch.bincount(idx.reshape(-1), minlength=NUM_EXPERTS).tolist()
         x.requires_grad_(True)
         g = torch.randn_like(x)

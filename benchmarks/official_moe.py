@@ -179,7 +179,7 @@ def official_from_package(moe: nn.Module, tp: int = 2) -> OfficialMoE:
         raise ValueError("the official layer does not renormalise the top-k weights")
     dev, dt = ex.w_in.device, ex.w_in.dtype
     with torch.device(dev):
-        off = OfficialMoE(d, e, moe.top_k, h, shared_hidden, aux_alpha=moe.aux_alpha, tp=tp).to(dt)
+        off = OfficialMoE(d, e, moe.top_k, h, shared_hidden, aux_alpha=moe.gate.aux_alpha, tp=tp).to(dt)
     off.gate.weight.copy_(moe.gate.weight)
     for i, expert in enumerate(off.experts):
         expert.gate_proj.weight.copy_(ex.w_in[i, :, :h].t())

@@ -32,6 +32,7 @@ def main() -> None:
     ap.add_argument("--predict-only", action="store_true")
     args = ap.parse_args()
 
+    from ditmoe import kernels
     from ditmoe.models.dit import DiT
     from ditmoe.plan import PlanInput, plan
     from ditmoe.registry import get_config
@@ -51,7 +52,7 @@ def main() -> None:
         return
     dev = torch.device("cuda")
     torch.manual_seed(0)
-    model = DiT(cfg).to(dev)
+    model = kernels.apply(DiT(cfg).to(dev))
     ema = copy.deepcopy(model).requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     n_params = sum(p.numel() for p in model.parameters())

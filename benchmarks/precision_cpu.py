@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from ditmoe import create_model
+from ditmoe import create_model, kernels
 from ditmoe.diffusion.flow import RectifiedFlow
 
 WIDTHS = {  # hidden size -> (heads, depth, tokens side)
@@ -53,8 +53,8 @@ def main() -> None:
           f"{torch.get_num_threads()} threads, batch {args.batch}")
     for d, (heads, depth, side) in WIDTHS.items():
         torch.manual_seed(0)
-        model = create_model("DiT-MoE-mnist", hidden_size=d, num_heads=heads, depth=depth, expert_hidden=2 * d,
-                             shared_hidden=d, input_size=side * 4)
+        model = kernels.apply(create_model("DiT-MoE-mnist", hidden_size=d, num_heads=heads, depth=depth,
+                                           expert_hidden=2 * d, shared_hidden=d, input_size=side * 4))
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
         x = torch.randn(args.batch, 1, side * 4, side * 4)
         y = torch.randint(0, 10, (args.batch,))

@@ -41,13 +41,14 @@ def main() -> None:
 
         keep_freed_memory()
 
+    from ditmoe import kernels
     from ditmoe.models.moe import MoE
 
     dev = torch.device(a.device)
     d = a.dim
     dtype = torch.bfloat16 if a.precision == "bf16" else None
     torch.manual_seed(0)
-    layers = {"package": MoE(d, 8, 2, 4 * d, 2 * d).to(dev), "bound": DenseBound(d, 2, 4 * d, 2 * d).to(dev)}
+    layers = {"package": kernels.apply(MoE(d, 8, 2, 4 * d, 2 * d).to(dev)), "bound": DenseBound(d, 2, 4 * d, 2 * d).to(dev)}
     x = torch.randn(a.batch, a.tokens, d, device=dev, requires_grad=True)
     g = torch.randn_like(x)
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])

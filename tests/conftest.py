@@ -19,16 +19,16 @@ def fixtures_dir() -> Path:
 def compiler_fails(monkeypatch):
     """torch.compile'd functions raise on their first call (as without a C++ compiler), and the
     CPU kernels start uncompiled and not yet marked unavailable."""
-    from ditmoe.models import cpu_kernels
+    from ditmoe.kernels import cpu_kernels
 
     def broken_compile(fn, **kw):
         def run(*a):
             raise RuntimeError("no C++ compiler")
         return run
 
-    monkeypatch.setattr(cpu_kernels, "_compiled", {})
-    monkeypatch.setattr(cpu_kernels, "_unavailable", False)
     monkeypatch.setattr(torch, "compile", broken_compile)
+    with cpu_kernels.fresh_state():
+        yield
 
 
 def reference_center_crop(img, size: int):

@@ -256,7 +256,7 @@ def test_real_model_counts_match_reference(debug_model):
 
     def hook(slot):
         def fn(module, inp, out):
-            captured.append((slot, ctx["step"], ctx["labels"], out[0].clone(), out[1].clone()))
+            captured.append((slot, ctx["step"], ctx["labels"], out.expert_ids.clone(), out.weights.clone()))
         return fn
 
     handles = [moe.gate.register_forward_hook(hook(i)) for i, (_, moe) in enumerate(moes)]

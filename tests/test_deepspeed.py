@@ -33,15 +33,15 @@ from ditmoe.train.loop import Trainer  # noqa: E402
 
 def force_routing(model: torch.nn.Module, active) -> None:
     """While `active()` is true every router sends each token to experts 0 and 1."""
-    from ditmoe.models.moe import Router
+    from ditmoe.models.moe import Assignment, Router
 
     def forcing(real):
-        def forward(x):
-            idx, weights, probs = real(x)
+        def forward(x, cond=None):
+            a = real(x, cond)
             if not active():
-                return idx, weights, probs
-            forced = torch.tensor([0, 1], device=idx.device).expand(idx.shape[0], 2)
-            return forced, probs.gather(1, forced), probs
+                return a
+            forced = torch.tensor([0, 1], device=x.device).expand(a.num_tokens, 2)
+            return Assignment.top_k(forced, a.probs.gather(1, forced), a.probs)
 
         return forward
 

@@ -53,15 +53,17 @@ def idle_experts(world: int) -> list[int]:
 
 def plant_routing(model: torch.nn.Module, idle: list[int]) -> None:
     """Router logits get -1e4 on the idle experts (differentiable in the router weight as before)."""
+    from ditmoe.models.moe import Assignment
+
     bias = torch.zeros(EXPERTS)
     bias[idle] = -1e4
     for _, moe in model.moe_layers():
         gate = moe.gate
 
-        def forward(x, gate=gate):
+        def forward(x, cond=None, gate=gate):
             probs = (F.linear(x.float(), gate.weight.float()) + bias).softmax(dim=-1)
             topk_w, topk_idx = torch.topk(probs, k=gate.top_k, dim=-1, sorted=False)
-            return topk_idx, topk_w, probs
+            return Assignment.top_k(topk_idx, topk_w, probs)
 
         gate.forward = forward
 
@@ -97,11 +99,11 @@ def layer_worker(rank: int, world: int, out: str) -> None:
 
 def refusals(world: int) -> dict[str, str]:
     """The errors for an expert count and an ep size that do not divide (raised before any collective)."""
-    from ditmoe.models.moe import StackedExperts
+    from ditmoe.models.moe import Experts
     from ditmoe.parallel import ExpertParallelExperts, expert_parallel_groups
 
     out = {}
-    for what, fn in (("experts", lambda: ExpertParallelExperts(StackedExperts(world + 1, 64, 128, "swiglu"))),
+    for what, fn in (("experts", lambda: ExpertParallelExperts(Experts(world + 1, 64, 128, "swiglu"))),
                      ("groups", lambda: expert_parallel_groups(world + 1))):
         try:
             fn()

@@ -8,10 +8,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ditmoe import kernels
 from ditmoe.config import ModelConfig
-from ditmoe.models import cpu_kernels
+from ditmoe.kernels import cpu_kernels
+from ditmoe.kernels.fused_adaln import gated_residual, norm_modulate
 from ditmoe.models.dit import DiT
-from ditmoe.models.fused_adaln import gated_residual, norm_modulate
 from ditmoe.models.layers import PatchEmbed, SwiGLU, modulate
 from tolerances import EPS32, fp32_tol, roundings_tol, underflow_tol
 
@@ -152,7 +153,7 @@ def test_fp32_takes_the_eager_ops_unchanged(monkeypatch):
     norm = nn.LayerNorm(x.shape[-1], elementwise_affine=False, eps=1e-6)
     assert torch.equal(norm_modulate(norm, x, shift, scale), modulate(norm(x), shift, scale))
     assert torch.equal(gated_residual(x, gate, x), x + gate.unsqueeze(1) * x)
-    mlp = SwiGLU(40, 24)
+    mlp = kernels.apply(SwiGLU(40, 24))
     assert torch.equal(mlp(x), mlp.down_proj(F.silu(mlp.gate_proj(x)) * mlp.up_proj(x)))
 
 
@@ -160,7 +161,7 @@ def test_swiglu_module_one_projection_matches_float64():
     """In bf16 on CPU the shared expert runs [gate | up] as one product and the one-pass SwiGLU;
     outputs and weight gradients against float64."""
     torch.manual_seed(0)
-    mlp = SwiGLU(40, 24)
+    mlp = kernels.apply(SwiGLU(40, 24))
     x = torch.randn(2, 9, 40, requires_grad=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = mlp(x)
@@ -179,7 +180,7 @@ def test_swiglu_module_one_projection_matches_float64():
 
 
 def test_patch_embedding_gives_a_contiguous_stream():
-    emb = PatchEmbed(2, 4, 32)
+    emb = kernels.apply(PatchEmbed(2, 4, 32))
     assert emb(torch.randn(2, 4, 8, 8)).is_contiguous()
 
 
@@ -195,7 +196,7 @@ def small_moe_dit() -> DiT:
     return model
 
 
-def test_dit_in_bf16_with_the_kernels_is_as_close_to_fp32_as_with_eager_ops(monkeypatch):
+def test_dit_in_bf16_with_the_kernels_is_as_close_to_fp32_as_with_eager_ops():
     """The whole model: output and every parameter gradient in bf16 (compiled kernels, then
     eager ops) against fp32; the kernels may not be further from fp32 than the eager ops."""
     model = small_moe_dit()
@@ -203,7 +204,7 @@ def test_dit_in_bf16_with_the_kernels_is_as_close_to_fp32_as_with_eager_ops(monk
     x, t, y = torch.randn(4, 4, 8, 8, generator=g), torch.rand(4, generator=g), torch.randint(0, 10, (4,), generator=g)
 
     def run(dtype, fused):
-        monkeypatch.setattr(cpu_kernels, "ENABLED", fused)
+        kernels.apply(model, fused=fused)
         model.zero_grad()
         torch.manual_seed(2)  # the same label dropout (training mode draws it) in every run
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype is not None):
@@ -212,13 +213,13 @@ def test_dit_in_bf16_with_the_kernels_is_as_close_to_fp32_as_with_eager_ops(monk
         return out.float().detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
     ref_out, ref_grads = run(None, False)
-    kernels = kernel_path(lambda: run(torch.bfloat16, True))
+    compiled_kernels = kernel_path(lambda: run(torch.bfloat16, True))
     errors = {}
     for fused in (True, False):
         out, grads = run(torch.bfloat16, fused)
         assert grads.keys() == ref_grads.keys()
         errors[fused] = [rel(out, ref_out)] + [rel(grads[n], ref_grads[n]) for n in ref_grads]
-    if not kernels:  # no kernels here: both runs took the same eager ops in the same order, bit for bit
+    if not compiled_kernels:  # no kernels here: both runs took the same eager ops in the same order, bit for bit
         assert errors[True] == errors[False]
         return
     assert max(errors[True]) < 0.05, max(errors[True])
@@ -227,8 +228,8 @@ def test_dit_in_bf16_with_the_kernels_is_as_close_to_fp32_as_with_eager_ops(monk
     assert sum(errors[True]) <= 1.1 * sum(errors[False])
 
 
-def test_adaln_kernels_fall_back_to_eager_when_compilation_fails(compiler_fails, monkeypatch):
-    model = small_moe_dit()
+def test_adaln_kernels_fall_back_to_eager_when_compilation_fails(compiler_fails):
+    model = kernels.apply(small_moe_dit())
     x, t, y = torch.randn(2, 4, 8, 8), torch.rand(2), torch.randint(0, 10, (2,))
     with pytest.warns(RuntimeWarning, match="could not compile the fused CPU kernels") as caught:
         with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -237,7 +238,7 @@ def test_adaln_kernels_fall_back_to_eager_when_compilation_fails(compiler_fails,
     assert len([w for w in caught if "fused CPU kernels" in str(w.message)]) == 1
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad()
-    monkeypatch.setattr(cpu_kernels, "ENABLED", False)
+    kernels.apply(model, fused=False)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out2 = model(x, t, y)
     out2.float().sum().backward()

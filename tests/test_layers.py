@@ -4,7 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ditmoe.models.layers import Attention, attention
+from ditmoe import kernels
+from ditmoe.kernels.layers import recomputed_attention as attention
+from ditmoe.models.layers import Attention
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -42,9 +44,12 @@ def test_other_cases_use_torch_attention_unchanged():
 
 
 @pytest.mark.parametrize("layout", ["qkv", "fused_qknorm"])
-def test_attention_module_bf16_training_matches_fp32(layout):
+@pytest.mark.parametrize("path", ["reference", "fast"])
+def test_attention_module_bf16_training_matches_fp32(layout, path):
     torch.manual_seed(0)
     attn = Attention(32, 4, layout)
+    if path == "fast":
+        kernels.apply(attn)
     x = torch.randn(2, 20, 32, requires_grad=True)
     g = torch.randn(2, 20, 32)
     ref = attn(x)
@@ -55,6 +60,8 @@ def test_attention_module_bf16_training_matches_fp32(layout):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = attn(x)
     out.float().backward(g)
+    q = torch.randn(1, 2, 8, 8).bfloat16().requires_grad_()
+    assert (type(attn.attend(q, q, q).grad_fn).__name__ == "_RecomputedAttentionBackward") == (path == "fast")
     assert rel(out, ref) < 2e-2 and rel(x.grad, want_x) < 2e-2
     for n, p in attn.named_parameters():
         if n == "k_norm.bias":

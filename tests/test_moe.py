@@ -6,9 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ditmoe.models import cpu_kernels, fused_swiglu
-from ditmoe.models import moe as moe_mod
-from ditmoe.models.moe import MoE, balance_loss
+from ditmoe import kernels
+from ditmoe.kernels import cpu_kernels, fused_swiglu
+from ditmoe.kernels.moe import CPU_ROW_BUCKET, plan_dispatch
+from ditmoe.models.moe import Assignment, Dispatcher, Experts, MoE, Router, balance_loss
 from tolerances import EPS32, assert_close_fp32, roundings_tol, underflow_tol
 
 # make_layer's MoE in fp32 against the float64 reference: the longest reduction is the shared
@@ -41,17 +42,29 @@ def reference_moe(layer: MoE, x: torch.Tensor, idx: torch.Tensor, w: torch.Tenso
     return out.view(x.shape)
 
 
-class ForcedGate(torch.nn.Module):
-    """A router stand-in that returns a planted choice `idx` (T, k) with random weights."""
+class ForcedGate(Router):
+    """A router that returns a planted choice `idx` (T, k) with random weights."""
 
     def __init__(self, idx: torch.Tensor, num_experts: int):
         super().__init__()
         self.idx, self.num_experts = idx, num_experts
         self.w = torch.rand(idx.shape, generator=torch.Generator().manual_seed(1)) + 0.1
 
-    def forward(self, x):
+    def forward(self, x, cond=None):
         probs = torch.full((x.shape[0], self.num_experts), 1.0 / self.num_experts)
-        return self.idx, self.w, probs
+        return Assignment.top_k(self.idx, self.w, probs)
+
+    def balance_loss(self, a):
+        return balance_loss(a.probs, a.expert, self.num_experts, 0.01)
+
+
+def choose_path(layer: MoE, path: str, use_grouped_mm: bool = True) -> MoE:
+    """The reference layer as built, or with the speed layers of `ditmoe.kernels`."""
+    if path == "fast":
+        kernels.apply(layer, grouped_mm=use_grouped_mm)
+    else:
+        layer.experts.grouped_mm = use_grouped_mm
+    return layer
 
 
 def make_layer(kind="swiglu", shared=32, experts=4, k=2, dim=16, hidden=24):
@@ -78,24 +91,22 @@ def planted_routing(pattern: str, t: int) -> torch.Tensor:
 @pytest.mark.parametrize("kind", ["swiglu", "gelu"])
 @pytest.mark.parametrize("pattern", ["random", "one_expert_gets_all", "some_experts_empty"])
 @pytest.mark.parametrize("use_grouped_mm", [True, False])
-def test_dispatch_matches_reference(kind, pattern, use_grouped_mm, monkeypatch):
-    layer = make_layer(kind)
+@pytest.mark.parametrize("path", ["reference", "fast"])
+def test_dispatch_matches_reference(kind, pattern, use_grouped_mm, path):
+    layer = choose_path(make_layer(kind), path, use_grouped_mm)
     x = torch.randn(3, 10, 16)
     idx = planted_routing(pattern, 30)
     layer.gate = ForcedGate(idx, 4)
     w = layer.gate.w
-    if not use_grouped_mm:
-        monkeypatch.setattr(moe_mod, "_grouped_mm_supported", lambda a, b: False)
     y = layer(x)
     ref = reference_moe(layer, x, idx, w)
     assert_close_fp32(y, ref, MOE_K, MOE_CHAIN)
 
 
 @pytest.mark.parametrize("use_grouped_mm", [True, False])
-def test_gradients_match_reference(use_grouped_mm, monkeypatch):
-    layer = make_layer("swiglu")
-    if not use_grouped_mm:
-        monkeypatch.setattr(moe_mod, "_grouped_mm_supported", lambda a, b: False)
+@pytest.mark.parametrize("path", ["reference", "fast"])
+def test_gradients_match_reference(use_grouped_mm, path):
+    layer = choose_path(make_layer("swiglu"), path, use_grouped_mm)
     x = torch.randn(2, 8, 16, requires_grad=True)
     y = layer(x)
     g = torch.randn_like(y)
@@ -104,8 +115,8 @@ def test_gradients_match_reference(use_grouped_mm, monkeypatch):
     got_x = x.grad.clone()
     layer.zero_grad()
     x2 = x.detach().clone().requires_grad_()
-    idx, w, _ = layer.gate(x2.reshape(-1, 16))
-    ref = reference_moe(layer, x2, idx, w)
+    a = layer.gate(x2.reshape(-1, 16))
+    ref = reference_moe(layer, x2, a.expert_ids, a.weights)
     ref.backward(g.double())
     # The reference's gradients are float64 sums rounded once to the fp32 parameters' dtype.
     for n, p in layer.named_parameters():
@@ -114,10 +125,11 @@ def test_gradients_match_reference(use_grouped_mm, monkeypatch):
 
 
 @pytest.mark.parametrize("pattern", ["random", "one_expert_gets_all", "some_experts_empty"])
-def test_float64_gradients_pass_gradcheck(pattern):
-    """Dispatch, expert products and the slot-major weighted sum against finite differences in
+@pytest.mark.parametrize("path", ["reference", "fast"])
+def test_float64_gradients_pass_gradcheck(pattern, path):
+    """Dispatch, expert products and the (slot-major) weighted sum against finite differences in
     float64 (routing fixed: the router itself computes in fp32 by design)."""
-    layer = make_layer("swiglu").double()
+    layer = choose_path(make_layer("swiglu").double(), path)
     layer.gate = ForcedGate(planted_routing(pattern, 12), 4)
     layer.gate.w = layer.gate.w.double()
     x = torch.randn(2, 6, 16, dtype=torch.float64, requires_grad=True)
@@ -128,33 +140,31 @@ def test_float64_gradients_pass_gradcheck(pattern):
 @pytest.mark.parametrize("pattern", ["random", "one_expert_gets_all", "some_experts_empty"])
 @pytest.mark.parametrize("layout", ["exact", "padded", "equal-groups"])
 @pytest.mark.parametrize("fused", [True, False], ids=["fused-swiglu", "eager-swiglu"])
-def test_bf16_outputs_and_gradients_match_reference(kind, pattern, layout, fused, monkeypatch):
+def test_bf16_outputs_and_gradients_match_reference(kind, pattern, layout, fused):
     """bf16 on CPU pads each expert group to a multiple of 64 rows (cached oneDNN kernels), or
     all groups to one size for batched products, and runs SwiGLU through compiled one-pass
     kernels; with and without each, outputs and every gradient equal the float64 per-token
     reference within bf16 rounding, also with idle experts and with one expert in every token."""
     if kind == "gelu" and not fused:
         pytest.skip("GELU experts have no fused path")
-    monkeypatch.setattr(cpu_kernels, "ENABLED", fused)
     layer = make_layer(kind)
-    idx = planted_routing(pattern, 30)
-    layer.gate = ForcedGate(idx, 4)
-    if layout == "exact":
-        monkeypatch.setattr(moe_mod, "cpu_row_bucket", lambda dtype, device: 0)
     # Equal groups however uneven the routing (idle experts then get whole groups of padding);
     # or never.
-    monkeypatch.setattr(moe_mod, "EQUAL_GROUPS_MAX_PADDING", 1e9 if layout == "equal-groups" else None)
-    plans = []
-    real = moe_mod.plan_dispatch
-    monkeypatch.setattr(moe_mod, "plan_dispatch", lambda idx, e, bucket=0: plans.append((bucket, real(idx, e, bucket)))
-                        or plans[-1][1])
+    kernels.apply(layer, fused=fused, row_bucket=0 if layout == "exact" else None,
+                  max_padding=1e9 if layout == "equal-groups" else None)
+    idx = planted_routing(pattern, 30)
+    layer.gate = ForcedGate(idx, 4)
     x = torch.randn(3, 10, 16, requires_grad=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = layer(x)
-    assert y.dtype == torch.bfloat16 and len(plans) == 1
-    bucket, plan = plans[0]
-    assert bucket == (0 if layout == "exact" else moe_mod.CPU_ROW_BUCKET)
-    assert (plan.group_rows > 0) == (layout == "equal-groups")
+        _, plan = layer.dispatcher.dispatch(x.detach().reshape(30, 16), layer.gate(x.reshape(30, 16)))
+    assert y.dtype == torch.bfloat16
+    rows = plan.groups.counts
+    if layout == "exact":
+        assert torch.equal(rows, torch.bincount(idx.reshape(-1), minlength=4))
+    else:  # every group a multiple of the CPU bucket, holding at least its pairs
+        assert (rows % CPU_ROW_BUCKET == 0).all() and (rows >= torch.bincount(idx.reshape(-1), minlength=4)).all()
+    assert (plan.groups.equal_rows > 0) == (layout == "equal-groups")
     g = torch.randn(y.shape)
     y.float().backward(g)
     got = {n: p.grad.clone() for n, p in layer.named_parameters() if p.grad is not None}
@@ -182,7 +192,7 @@ def test_bf16_outputs_and_gradients_match_reference(kind, pattern, layout, fused
                                           ([190, 60, 125, 125], False),  # padded 192, 64, 128, 128: +50%
                                           ([0, 250, 0, 250], False)])  # two idle experts: +100%
 def test_plan_pads_to_equal_groups_only_when_that_adds_few_rows(loads, equal):
-    """Equal groups cost padding rows: taken up to EQUAL_GROUPS_MAX_PADDING (20%) more rows than
+    """Equal groups cost padding rows: taken up to max_padding (default 20%) more rows than
     the 64-row buckets need, not beyond. Either way every (slot, token) pair has one row of its
     expert, and the other rows are padding."""
     e, k = len(loads), 2
@@ -191,18 +201,18 @@ def test_plan_pads_to_equal_groups_only_when_that_adds_few_rows(loads, equal):
     pair_expert = pair_expert[torch.randperm(pair_expert.numel(), generator=g)]
     t = pair_expert.numel() // k
     idx = pair_expert.view(k, t).t()  # slot-major pairs: pair j = slot * T + token
-    plan = moe_mod.plan_dispatch(idx, e, bucket=64)
+    plan = plan_dispatch(idx.t().reshape(-1), k, e, bucket=64)
+    counts = plan.groups.counts
     buckets = [-(-n // 64) * 64 for n in loads]
     if equal:
-        assert plan.group_rows == max(buckets) and plan.counts.tolist() == [max(buckets)] * e
+        assert plan.groups.equal_rows == max(buckets) and counts.tolist() == [max(buckets)] * e
     else:
-        assert plan.group_rows == 0 and plan.counts.tolist() == buckets
-    rows = int(plan.counts.sum())
-    assert plan.row_token.numel() == plan.row_expert.numel() == rows
-    starts = torch.cumsum(plan.counts, 0) - plan.counts
-    expected_expert = torch.repeat_interleave(torch.arange(e), plan.counts)
-    assert torch.equal(plan.row_expert, expected_expert)
-    assert torch.equal(plan.row_expert[plan.pair_row], pair_expert)  # each pair in its expert's group
+        assert plan.groups.equal_rows == 0 and counts.tolist() == buckets
+    rows = int(counts.sum())
+    assert plan.row_token.numel() == rows
+    starts = torch.cumsum(counts, 0) - counts
+    row_expert = torch.repeat_interleave(torch.arange(e), counts)
+    assert torch.equal(row_expert[plan.pair_row], pair_expert)  # each pair in its expert's group
     assert torch.equal(plan.row_token[plan.pair_row], torch.arange(k * t) % t)  # reading its token
     assert plan.pair_row.unique().numel() == k * t  # one row per pair
     for ex in range(e):  # real rows first in each group, in pair order (stable)
@@ -210,8 +220,9 @@ def test_plan_pads_to_equal_groups_only_when_that_adds_few_rows(loads, equal):
         assert torch.equal(mine, starts[ex] + torch.arange(loads[ex]))
 
 
-def test_bf16_autocast_matches_fp32_reference():
-    layer = make_layer("swiglu", dim=64, hidden=128, shared=64)
+@pytest.mark.parametrize("path", ["reference", "fast"])
+def test_bf16_autocast_matches_fp32_reference(path):
+    layer = choose_path(make_layer("swiglu", dim=64, hidden=128, shared=64), path)
     x = torch.randn(2, 16, 64)
     ref = layer(x)
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -247,7 +258,8 @@ def test_alpha_zero_works_and_gives_zero_loss():
 
 def test_renormalised_topk_weights_sum_to_one():
     layer = MoE(16, 8, 3, 24, 0, norm_topk=True)
-    idx, w, probs = layer.gate(torch.randn(40, 16))
+    a = layer.gate(torch.randn(40, 16))
+    idx, w, probs = a.expert_ids, a.weights, a.probs
     # Positive fp32 terms: the normalising sum, three quotients and their sum, one rounding of
     # u = EPS32 / 2 each, at most 6u = 3 * EPS32 from 1.
     assert torch.allclose(w.sum(-1), torch.ones(40), rtol=3 * EPS32, atol=0)
@@ -271,7 +283,7 @@ def test_fused_swiglu_kernels_match_float64(dtype):
     fused = cpu_kernels.compiled()  # which path these calls, and swiglu's below, took
     assert (out is not None) == fused and (dh is not None) == fused
     h_leaf = h.clone().requires_grad_()
-    y = fused_swiglu.swiglu(h_leaf, hid)
+    y = fused_swiglu.swiglu(h_leaf, hid)  # fused=True: the kernels wherever they compile
     y.backward(grad)
     assert cpu_kernels.compiled() == fused
     assert y.dtype == h_leaf.grad.dtype == dtype and h_leaf.grad.shape == h.shape
@@ -301,15 +313,15 @@ def test_fused_swiglu_kernels_match_float64(dtype):
         assert ((h_leaf.grad.double() - h64.grad).abs() <= u * h64.grad.abs() + (1 + u) * slack_dh + tiny_dh).all()
 
 
-def test_fused_swiglu_falls_back_to_eager_with_a_warning_when_compilation_fails(compiler_fails, monkeypatch):
-    layer = make_layer("swiglu")
+def test_fused_swiglu_falls_back_to_eager_with_a_warning_when_compilation_fails(compiler_fails):
+    layer = kernels.apply(make_layer("swiglu"))
     x = torch.randn(2, 10, 16, requires_grad=True)
     with pytest.warns(RuntimeWarning, match="could not compile the fused CPU kernels") as caught:
         with torch.autocast("cpu", dtype=torch.bfloat16):
             y = layer(x)
         y.float().sum().backward()  # the backward goes straight to the eager ops
     assert len([w for w in caught if "fused CPU kernels" in str(w.message)]) == 1
-    monkeypatch.setattr(cpu_kernels, "ENABLED", False)
+    kernels.apply(layer, fused=False)
     x2 = x.detach().clone().requires_grad_()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y2 = layer(x2)
@@ -317,3 +329,26 @@ def test_fused_swiglu_falls_back_to_eager_with_a_warning_when_compilation_fails(
     # The failed compile ran the same eager ops in the same order: bit for bit.
     torch.testing.assert_close(y, y2, rtol=0, atol=0)
     torch.testing.assert_close(x.grad, x2.grad, rtol=0, atol=0)
+
+
+def test_reference_dispatcher_takes_any_number_of_experts_per_token():
+    """An assignment that is not top-k (tokens with no expert, one, or three, in any pair order)
+    through the reference dispatcher and experts, against a per-pair float64 sum; the fast
+    dispatcher hands such an assignment to the same path."""
+    torch.manual_seed(3)
+    e, d, t = 4, 16, 6
+    experts = Experts(e, d, 24, "swiglu")
+    token = torch.tensor([0, 2, 2, 2, 3, 5, 5, 1])  # token 4 has no expert
+    expert = torch.tensor([1, 0, 3, 2, 3, 3, 0, 1])
+    weight = torch.rand(8)
+    a = Assignment(token, expert, weight, torch.full((t, e), 1.0 / e))
+    x = torch.randn(t, d)
+    ref = torch.zeros(t, d, dtype=torch.float64)
+    for tok, ex, w in zip(token.tolist(), expert.tolist(), weight.double()):
+        h = x[tok].double() @ experts.w_in[ex].double()
+        ref[tok] += w * ((F.silu(h[:24]) * h[24:]) @ experts.w_out[ex].double())
+    for dispatcher in (Dispatcher(), kernels.FastDispatcher()):
+        rows, plan = dispatcher.dispatch(x, a)
+        y = dispatcher.combine(experts(rows, plan.groups), plan, a)
+        assert_close_fp32(y, ref, 24, MOE_CHAIN)
+        assert y[4].abs().sum() == 0

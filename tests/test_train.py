@@ -90,9 +90,9 @@ def test_balance_loss_gradient_is_alpha_times_analytic(tmp_path, accum, loss_sca
     moe = tr.model.blocks[1].moe
     orig_gate = moe.gate.forward
 
-    def spy(x):
-        out = orig_gate(x)
-        captured.append((x.detach().clone(), out[0].detach().clone()))
+    def spy(x, cond=None):
+        out = orig_gate(x, cond)
+        captured.append((x.detach().clone(), out.expert_ids.detach().clone()))
         return out
 
     moe.gate.forward = spy

@@ -2,7 +2,7 @@
 
 import torch
 
-from ditmoe.models.weight_casts import cast_weight, reuse_weight_casts
+from ditmoe.kernels.weight_casts import cast_weight, reuse_weight_casts
 from ditmoe.registry import create_model
 from ditmoe.samplers import sample
 
@@ -40,9 +40,10 @@ def test_sampling_casts_each_expert_weight_once_and_samples_the_same(monkeypatch
     import contextlib
 
     import ditmoe.samplers as samplers
-    from ditmoe.models import moe
+    from ditmoe import kernels
+    from ditmoe.kernels import moe
 
-    model = create_model("debug").eval()
+    model = kernels.apply(create_model("debug").eval())
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))  # adaLN-Zero starts at zero: make the blocks matter

@@ -16,6 +16,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from . import kernels
+
 
 @dataclass
 class LoadedModel:
@@ -41,7 +43,7 @@ def load_for_sampling(ckpt: str | os.PathLike, weights: str = "ema", process: st
     path = Path(ckpt)
     model, info = load_model_and_info(path, weights)
     process = process or info.get("process") or run_process_near(path) or "ddpm"
-    return LoadedModel(model.eval().to(device), process, info["weights"], str(path))
+    return LoadedModel(kernels.apply(model.eval().to(device)), process, info["weights"], str(path))
 
 
 def image_noise(indices: list[int], shape: tuple[int, ...], seed: int, device: torch.device) -> torch.Tensor:

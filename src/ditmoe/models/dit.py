@@ -7,8 +7,8 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 from ..config import ModelConfig
-from .fused_adaln import gated_residual, norm_modulate
-from .layers import Attention, LabelEmbedder, PatchEmbed, TimestepEmbedder, get_2d_sincos_pos_embed, make_mlp
+from .layers import (Attention, LabelEmbedder, PatchEmbed, TimestepEmbedder, get_2d_sincos_pos_embed, make_mlp,
+                     modulate)
 from .moe import MoE
 
 
@@ -35,15 +35,13 @@ class DiTBlock(nn.Module):
     def forward(self, x: torch.Tensor, c: torch.Tensor):
         """x (N, T, D), c (N, D) -> (x, balance loss or None)."""
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
-        x = gated_residual(x, gate_msa, self.attn(norm_modulate(self.norm1, x, shift_msa, scale_msa)))
-        # The MoE router computes in fp32, so its input stays in the residual stream's dtype.
-        h = norm_modulate(self.norm2, x, shift_mlp, scale_mlp, keep_dtype=self.is_moe)
-        aux = None
-        if self.is_moe:
-            h, aux = self.moe(h, return_aux=True)
-        else:
-            h = self.mlp(h)
-        return gated_residual(x, gate_mlp, h), aux
+        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
+        h, aux = self.feed_forward(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        return x + gate_mlp.unsqueeze(1) * h, aux
+
+    def feed_forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The MoE layer (output, balance loss) or the dense MLP (output, None)."""
+        return self.moe(h, return_aux=True) if self.is_moe else (self.mlp(h), None)
 
 
 class FinalLayer(nn.Module):
@@ -55,7 +53,7 @@ class FinalLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
-        return self.linear(norm_modulate(self.norm_final, x, shift, scale))
+        return self.linear(modulate(self.norm_final(x), shift, scale))
 
 
 class DiT(nn.Module):

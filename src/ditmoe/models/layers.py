@@ -9,10 +9,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import cpu_kernels
-from .cpu_kernels import compute_dtype
-from .fused_swiglu import swiglu
-from .weight_casts import cast_weight
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype products on x run in: autocast's on x's device where it is on, else x's."""
+    return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -29,13 +30,7 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size, bias=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.proj(x).flatten(2).transpose(1, 2)
-        # Eagerly, a (T, D)-strided residual stream makes every later elementwise op strided and
-        # can turn token-wise products into batched ones, so it is made contiguous. A compiled
-        # graph chooses its own layouts, and with the contiguous stream inductor's CPU training
-        # step of S/2 in bf16 ran at half its speed (`benchmarks/moe_bench.py --only compile`:
-        # 0.53x of eager), so under torch.compile it is left as is.
-        return x if torch.compiler.is_compiling() else x.contiguous()
+        return self.proj(x).flatten(2).transpose(1, 2)  # (N, T, D), a view of (N, D, T)
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -121,51 +116,17 @@ class Attention(nn.Module):
         if self.layout == "fused_qknorm":
             q, k = self.q_norm(q), self.k_norm(k)
         # SDPA wants (N, H, T, Dh).
-        out = attention(q.transpose(1, 2), k.transpose(1, 2).to(q.dtype), v.transpose(1, 2).to(q.dtype))
+        out = self.attend(q.transpose(1, 2), k.transpose(1, 2).to(q.dtype), v.transpose(1, 2).to(q.dtype))
         out = out.transpose(1, 2).reshape(n, t, d)
         return (self.proj if self.layout == "qkv" else self.out_proj)(out)
 
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return attention(q, k, v)
+
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """softmax(q k^T / sqrt(Dh)) v for q, k, v (N, H, T, Dh).
-
-    PyTorch's fused (flash) attention everywhere, except for the backward of bf16 training on
-    CPU, where its kernel is 3x slower than batched products: there `_RecomputedAttention` keeps
-    the flash forward and recomputes the attention matrix in the backward.
-    """
-    if (q.device.type == "cpu" and q.dtype == torch.bfloat16 and torch.is_grad_enabled()
-            and (q.requires_grad or k.requires_grad or v.requires_grad) and not torch.compiler.is_compiling()):
-        return _RecomputedAttention.apply(q, k, v)
+    """softmax(q k^T / sqrt(Dh)) v for q, k, v (N, H, T, Dh)."""
     return F.scaled_dot_product_attention(q, k, v)
-
-
-class _RecomputedAttention(torch.autograd.Function):
-    """Flash-attention forward; backward from the recomputed (N, H, T, T) probabilities.
-
-    Saves only q, k, v (no output, no log-sum-exp), like the flash kernel holds no T x T matrix
-    between forward and backward; the matrix exists only inside the backward of one layer.
-    The backward is the textbook one: dV = P^T dO, dP = dO V^T, dS = softmax'(dP),
-    dQ = dS K s, dK = dS^T Q s, in bf16 products with fp32 accumulation inside each kernel.
-    """
-
-    @staticmethod
-    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(q, k, v)
-        return F.scaled_dot_product_attention(q, k, v)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        q, k, v = ctx.saved_tensors
-        scale = q.shape[-1] ** -0.5
-        qs = q * scale
-        probs = torch.softmax(torch.matmul(qs, k.transpose(-1, -2)), dim=-1)
-        grad = grad.to(q.dtype)
-        dv = torch.matmul(probs.transpose(-1, -2), grad)
-        dscores = torch.ops.aten._softmax_backward_data(torch.matmul(grad, v.transpose(-1, -2)), probs, -1, probs.dtype)
-        del probs
-        dq = torch.matmul(dscores, k).mul_(scale)
-        dk = torch.matmul(dscores.transpose(-1, -2), qs)
-        return dq, dk, dv
 
 
 class SwiGLU(nn.Module):
@@ -178,13 +139,6 @@ class SwiGLU(nn.Module):
         self.down_proj = nn.Linear(hidden, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dt = compute_dtype(x)
-        if cpu_kernels.applies(x, dt):
-            # One product for [gate | up] (x cast once, not twice) and the one-pass SwiGLU.
-            hidden = self.gate_proj.out_features
-            w = torch.cat([cast_weight(self.gate_proj.weight, dt), cast_weight(self.up_proj.weight, dt)])
-            h = F.linear(x.to(dt), w).reshape(-1, 2 * hidden)
-            return self.down_proj(swiglu(h, hidden).view(*x.shape[:-1], hidden))
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 

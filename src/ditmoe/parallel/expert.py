@@ -3,8 +3,8 @@
 Each rank keeps E/ep experts' stacked weights (rank r holds experts r*E/ep ... (r+1)*E/ep - 1) and
 all the other (dense) weights. The MoE layer itself is unchanged (model code is written for one
 device); `apply_expert_parallel` swaps each layer's `moe.experts` for an `ExpertParallelExperts`,
-which has the same forward signature `(xs (M, D) sorted by expert, sorted_expert (M,),
-counts (E,)) -> (M, D)` and inside it
+which has the same forward signature `(xs (M, D) grouped by expert, groups) -> (M, D)`, and the
+layer's dispatcher for one that never pads (`FastDispatcher(exact=True)`). Inside, the experts
 
 1. exchanges the per-expert row counts with one `all_to_all` (every rank learns how many rows it
    will receive for each of its experts from each source rank),
@@ -31,7 +31,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from ..models.moe import StackedExperts
+from ..kernels.moe import FastDispatcher, FastExperts
+from ..models.moe import Experts, Groups
 
 ProcessGroup = Any  # torch.distributed.ProcessGroup, or None for the default (world) group
 
@@ -64,14 +65,15 @@ def all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int], gro
 
 
 # ------------------------------------------------------------------------------ the module
-class ExpertParallelExperts(StackedExperts):
-    """This rank's slice of a `StackedExperts`, plus the token exchange with the other ranks.
+class ExpertParallelExperts(FastExperts):
+    """This rank's slice of a layer's `Experts`, plus the token exchange with the other ranks.
 
-    A subclass, so the parameters keep their names and the local compute is the parent's forward.
+    A subclass, so the parameters keep their names and the local compute is the parent's forward
+    (the `ditmoe.kernels` experts: cached casts, fused SwiGLU where they apply).
     `num_experts` is the local count; `num_global_experts` the layer's E.
     """
 
-    def __init__(self, full: StackedExperts, group: ProcessGroup = None):
+    def __init__(self, full: Experts, group: ProcessGroup = None):
         ep, rank = dist.get_world_size(group), dist.get_rank(group)
         if full.num_experts % ep:
             raise ValueError(f"{full.num_experts} experts cannot be split evenly over an expert-parallel group of {ep} "
@@ -80,7 +82,8 @@ class ExpertParallelExperts(StackedExperts):
         # Build the parent's structure without allocating or initialising full-size weights,
         # then adopt this rank's slice of the existing ones.
         with torch.device("meta"):
-            super().__init__(local, full.dim, full.hidden, full.kind)
+            super().__init__(local, full.dim, full.hidden, full.kind, grouped_mm=full.grouped_mm)
+        self.fused = getattr(full, "fused", True)
         lo = rank * local
         for name, p in full.named_parameters(recurse=False):
             setattr(self, name, nn.Parameter(p.detach()[lo:lo + local].clone(), requires_grad=p.requires_grad))
@@ -91,20 +94,13 @@ class ExpertParallelExperts(StackedExperts):
         return (f"experts {self.first_expert}..{self.first_expert + self.num_experts - 1} of "
                 f"{self.num_global_experts} (ep rank {self.ep_rank} of {self.ep_size})")
 
-    def row_bucket(self, dtype: torch.dtype, device: torch.device) -> int:
-        # Padding rows would travel through both exchanges; the grouped GEMMs here take the
-        # exact counts (the CPU kernel-cache padding is for one-process runs).
-        return 0
+    def forward(self, xs: torch.Tensor, groups: Groups) -> torch.Tensor:
+        """xs (M, D) grouped by global expert id as `groups` says -> (M, D), as `Experts.forward`.
 
-    def forward(self, xs: torch.Tensor, sorted_expert: torch.Tensor, counts: torch.Tensor,
-                group_rows: int = 0) -> torch.Tensor:
-        """xs (M, D) sorted by global expert id, counts (E,) -> (M, D), as `StackedExperts.forward`.
-
-        `group_rows` is always 0 here: `row_bucket` asks for no padding. The MoE layer's
-        dispatch has already cast the rows to the compute dtype, so the exchange moves bf16
-        under autocast."""
+        The groups are exact (the layer's dispatcher never pads here). The dispatch has already
+        cast the rows to the compute dtype, so the exchange moves bf16 under autocast."""
         ep, local, group = self.ep_size, self.num_experts, self.group
-        send_counts = counts.view(ep, local)  # [r, j]: rows for expert j of rank r
+        send_counts = groups.counts.view(ep, local)  # [r, j]: rows for expert j of rank r
         recv_counts = torch.empty_like(send_counts)  # [s, j]: rows from rank s for my expert j
         dist.all_to_all_single(recv_counts, send_counts.contiguous(), group=group)
         # Split sizes must be host integers: the one host sync of expert parallelism.
@@ -117,7 +113,7 @@ class ExpertParallelExperts(StackedExperts):
         row_expert = torch.repeat_interleave(local_ids, recv_counts.reshape(-1), output_size=received.shape[0])
         order = torch.argsort(row_expert, stable=True)
         if received.shape[0]:
-            ys = super().forward(received.index_select(0, order), row_expert.index_select(0, order), recv_counts.sum(0))
+            ys = super().forward(received.index_select(0, order), Groups(recv_counts.sum(0)))
             inverse = torch.empty_like(order)
             inverse[order] = torch.arange(order.numel(), device=order.device)
             ys = ys.index_select(0, inverse)  # back to (source, expert) order
@@ -180,6 +176,7 @@ def apply_expert_parallel(model: nn.Module, group: ProcessGroup = None) -> nn.Mo
         raise ValueError("expert parallelism needs a MoE model; this model has no MoE layers")
     for _, moe in layers:
         moe.experts = ExpertParallelExperts(moe.experts, group)
+        moe.dispatcher = FastDispatcher(exact=True)
     return model
 
 

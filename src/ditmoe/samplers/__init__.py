@@ -10,7 +10,7 @@ from typing import Any, Callable
 import torch
 
 from ..diffusion.gaussian import GaussianDiffusion, create_diffusion, space_timesteps
-from ..models.weight_casts import reuse_weight_casts
+from ..kernels.weight_casts import reuse_weight_casts
 from .cfg import conditional, guided
 from .ddim import ddim_sample
 from .ddpm import DenoiseFn, StepCallback, ddpm_sample

@@ -23,6 +23,7 @@ from typing import Any, Iterator
 import torch
 
 from ..config import ModelConfig, TrainConfig
+from .. import kernels
 from ..registry import create_model, get_config
 from .checkpoint import list_checkpoints, load_checkpoint, resolve_resume, rng_state, save_checkpoint, set_rng_state
 from .ema import EMA
@@ -236,7 +237,8 @@ class Trainer:
         self.accum = cfg.global_batch // (world * micro)
 
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-        self.model = create_model(self.model_cfg).to(self.dist.device)
+        # The reference model with the speed layers (before the EMA copy, which then has them too).
+        self.model = kernels.apply(create_model(self.model_cfg).to(self.dist.device))
         self.init_report = None
         if init_source is not None:  # before the EMA copy and any sharding: both start from these weights
             from .init_from import init_model
@@ -259,11 +261,9 @@ class Trainer:
         if cfg.balance_scope == "global" and self.dist.world > 1:
             from torch.distributed import group as process_groups
 
-            from ..models.moe import MoE
+            from ..parallel import attach_global_balance
 
-            for m in self.model.modules():  # after the EMA copy: process groups are not copyable
-                if isinstance(m, MoE):
-                    m.balance_group = process_groups.WORLD
+            attach_global_balance(self.model, process_groups.WORLD)  # after the EMA copy: groups are not copyable
         torch.manual_seed(cfg.seed + self.dist.rank)  # label dropout draws from the global RNG
         if resume_state is not None:
             self._restore_progress(resume_state)
@@ -512,7 +512,7 @@ class Trainer:
             return
         if getattr(self, "_preview_model", None) is None:
             with preserved_rng():
-                self._preview_model = create_model(self.model_cfg).to(self.dist.device).eval()
+                self._preview_model = kernels.apply(create_model(self.model_cfg).to(self.dist.device).eval())
         self._preview_model.load_state_dict(state)
         previews.write(self._preview_model, self.step, logger)
 

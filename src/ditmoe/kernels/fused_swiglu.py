@@ -43,10 +43,10 @@ def backward(grad: torch.Tensor, h: torch.Tensor, hidden: int) -> torch.Tensor |
 
 class _SwiGLU(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h: torch.Tensor, hidden: int) -> torch.Tensor:
+    def forward(ctx, h: torch.Tensor, hidden: int, fused: bool) -> torch.Tensor:
         ctx.save_for_backward(h)
-        ctx.hidden = hidden
-        if cpu_kernels.applies(h, h.dtype):
+        ctx.hidden, ctx.fused = hidden, fused
+        if cpu_kernels.applies(h, h.dtype, fused):
             out = forward(h, hidden)
             if out is not None:
                 return out
@@ -57,23 +57,24 @@ class _SwiGLU(torch.autograd.Function):
         (h,) = ctx.saved_tensors
         hid = ctx.hidden
         if torch.compiler.is_compiling():  # the compiler rejects strided out= and fuses the cat anyway
-            return swiglu_backward_math(grad, h, hid), None
-        if cpu_kernels.applies(h, h.dtype):
+            return swiglu_backward_math(grad, h, hid), None, None
+        if cpu_kernels.applies(h, h.dtype, ctx.fused):
             dh = backward(grad, h, hid)
             if dh is not None:
-                return dh, None
+                return dh, None, None
         gate, up = h[:, :hid], h[:, hid:]
         dh = torch.empty_like(h)
         # Four passes (silu, two products, silu's fused derivative) instead of eight elementwise
         # ops: on CPU, where bf16 elementwise work is not free, this was 1.7x faster.
         torch.mul(grad, F.silu(gate), out=dh[:, hid:])
         torch.ops.aten.silu_backward.grad_input(grad * up, gate, grad_input=dh[:, :hid])
-        return dh, None
+        return dh, None, None
 
 
-def swiglu(h: torch.Tensor, hidden: int) -> torch.Tensor:
-    """silu(h[:, :hidden]) * h[:, hidden:] for h (M, 2 * hidden), differentiable."""
-    return _SwiGLU.apply(h, hidden)
+def swiglu(h: torch.Tensor, hidden: int, fused: bool = True) -> torch.Tensor:
+    """silu(h[:, :hidden]) * h[:, hidden:] for h (M, 2 * hidden), differentiable; `fused=False`
+    never uses the compiled kernels (only the written-out backward)."""
+    return _SwiGLU.apply(h, hidden, fused)
 
 
 __all__ = ["swiglu", "swiglu_forward_math", "swiglu_backward_math"]

@@ -17,34 +17,41 @@ from __future__ import annotations
 
 import os
 import warnings
-from typing import Callable
+from contextlib import contextmanager
+from typing import Callable, Iterator
 
 import torch
-
-# Set to False to use the eager ops everywhere (the tests compare the two).
-ENABLED = True
 
 _compiled: dict[str, Callable] = {}
 _unavailable = False  # set after the first compilation failure: the compiler will not work later either
 
 
-def compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype products on x run in: autocast's on x's device where it is on, else x's."""
-    return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-
-
 def compiled() -> bool:
-    """Whether work the kernels apply to runs compiled in this process: False where switched off
-    (ENABLED) or once a compilation has failed (every caller then runs its eager ops); True until
-    then (a kernel compiles on its first call, so the first call of each decides)."""
-    return ENABLED and not _unavailable
+    """Whether work the kernels apply to runs compiled in this process: False once a compilation
+    has failed (every caller then runs its eager ops); True until then (a kernel compiles on its
+    first call, so the first call of each decides)."""
+    return not _unavailable
 
 
-def applies(x: torch.Tensor, dtype: torch.dtype) -> bool:
-    """Whether the compiled kernels serve work on `x` in `dtype`: CPU, bf16 / fp16, not inside
-    torch.compile (a compiled model fuses these ops itself), not after a failed compilation."""
-    return (compiled() and x.device.type == "cpu"
+def applies(x: torch.Tensor, dtype: torch.dtype, fused: bool = True) -> bool:
+    """Whether the compiled kernels serve work on `x` in `dtype`: asked for (`fused`), CPU,
+    bf16 / fp16, not inside torch.compile (a compiled model fuses these ops itself), not after a
+    failed compilation."""
+    return (fused and compiled() and x.device.type == "cpu"
             and dtype in (torch.bfloat16, torch.float16) and not torch.compiler.is_compiling())
+
+
+@contextmanager
+def fresh_state() -> Iterator[None]:
+    """Within this block the kernels start uncompiled and not marked unavailable (a test's
+    compiler failure stays inside it); the process's state is restored afterwards."""
+    global _compiled, _unavailable
+    saved = _compiled, _unavailable
+    _compiled, _unavailable = {}, False
+    try:
+        yield
+    finally:
+        _compiled, _unavailable = saved
 
 
 def run(name: str, fn: Callable, *args):
@@ -66,4 +73,4 @@ def run(name: str, fn: Callable, *args):
         return None
 
 
-__all__ = ["ENABLED", "applies", "compiled", "compute_dtype", "run"]
+__all__ = ["applies", "compiled", "fresh_state", "run"]

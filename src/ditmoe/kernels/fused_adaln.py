@@ -16,9 +16,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from ..models.layers import compute_dtype, modulate
 from . import cpu_kernels
-from .cpu_kernels import compute_dtype
-from .layers import modulate
 
 
 # --- the formulas the kernels are generated from (also their eager fallback) ---------------
@@ -96,24 +95,24 @@ class _GatedResidual(torch.autograd.Function):
 
 
 def norm_modulate(norm: nn.LayerNorm, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
-                  keep_dtype: bool = False) -> torch.Tensor:
+                  keep_dtype: bool = False, fused: bool = True) -> torch.Tensor:
     """modulate(norm(x), shift, scale) for the block's affine-free LayerNorm `norm`.
 
     Where the compiled kernels apply, the result comes in the dtype the next products run in
     (so no separate cast), or in x's dtype with `keep_dtype` (for the MoE router, which routes
-    in fp32).
+    in fp32). `fused=False`: always the eager ops.
     """
     dt = compute_dtype(x)
-    if cpu_kernels.applies(x, dt) and norm.weight is None and x.dim() == 3:
+    if cpu_kernels.applies(x, dt, fused) and norm.weight is None and x.dim() == 3:
         return _NormModulate.apply(x, shift, scale, norm.eps, x.dtype if keep_dtype else dt)
     return modulate(norm(x), shift, scale)
 
 
-def gated_residual(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def gated_residual(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor, fused: bool = True) -> torch.Tensor:
     """x + gate.unsqueeze(1) * y: the residual update of an adaLN-Zero block."""
     # Only where the result has x's dtype, as eager type promotion would give it.
     same_dtype = x.dtype == torch.promote_types(x.dtype, torch.promote_types(gate.dtype, y.dtype))
-    if cpu_kernels.applies(x, y.dtype) and same_dtype and x.dim() == 3:
+    if cpu_kernels.applies(x, y.dtype, fused) and same_dtype and x.dim() == 3:
         return _GatedResidual.apply(x, gate, y)
     return x + gate.unsqueeze(1) * y
 
