@@ -21,7 +21,6 @@ live in `ditmoe.kernels`, expert parallelism and the balance loss over processes
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Any, Callable, NamedTuple
 
 import torch
@@ -32,13 +31,13 @@ from .layers import SwiGLU, compute_dtype
 
 
 # ------------------------------------------------------------------------------- router
-@dataclass
-class Assignment:
+class Assignment(NamedTuple):
     """Which experts each of T tokens goes to, as P flat (token, expert, weight) pairs.
 
     A token may have any number of pairs (zero included); the dispatcher needs nothing more.
     Top-k routing is the special case `k` > 0: exactly k pairs per token, numbered slot-major
     (pair s * T + t is token t's s-th choice), so `expert_ids` / `weights` view them as (T, k).
+    A named tuple, so module hooks that walk outputs (DeepSpeed ZeRO-3's) see its tensors.
     """
 
     token: torch.Tensor  # (P,) int64
