@@ -6,7 +6,7 @@
 Times, side by side and interleaved, the products of one forward + backward of E SwiGLU experts
 with `--rows` rows each: forward x @ w_in, a @ w_out; backward the input gradients through w_out^T
 and w_in^T and the weight gradients a^T @ g, x^T @ g. Each as `torch._grouped_mm` over E groups
-(what `ditmoe.models.moe` runs for unequal groups) and as one `torch.bmm` (what it runs when the
+(what `ditmoe.kernels.moe` runs for unequal groups) and as one `torch.bmm` (what it runs when the
 groups are padded to one size), the weight gradients also with a contiguous copy of the
 transposed activation. Caches are flushed (untimed) before every call, as in a layer whose
 tensors do not stay in cache between its products. This is where the choices in `_EqualGroupsMatmul` come from.
