@@ -64,7 +64,7 @@ def test_overrides_reach_the_model():
     moe = m.blocks[3].moe
     assert moe.num_experts == 6 and moe.top_k == 3 and moe.gate.norm_topk and moe.shared_experts is None
     assert moe.experts.w_in.shape == (6, 64, 40) and moe.experts.b_in is not None
-    assert moe.aux_alpha == 0.005 and hasattr(m.blocks[0].attn, "q_norm")
+    assert moe.gate.aux_alpha == 0.005 and hasattr(m.blocks[0].attn, "q_norm")
     out = m(torch.randn(2, 1, 16, 16), torch.tensor([3, 4]), torch.tensor([0, 7]))
     assert out.shape == (2, 1, 16, 16)
 
