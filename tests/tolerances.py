@@ -97,3 +97,37 @@ def underflow_tol(dtype: torch.dtype) -> float:
     """Absolute error of one rounding into `dtype`'s subnormal range: half its spacing there."""
     fi = torch.finfo(dtype)
     return fi.smallest_normal * fi.eps / 2
+
+# The tiny AutoencoderKL of tests/test_latents.py (block_out_channels (8, 16), one ResNet block per
+# stage, 8 groups, 32x32 images). Encoder path to (mean, logvar): conv_in; stage 1 ResNet (GroupNorm,
+# conv, GroupNorm, conv) and the stride-2 conv; stage 2 ResNet (4); mid block: ResNet (4), attention
+# (GroupNorm, q/k/v, q.k, softmax, p.v, out: 6), ResNet (4); GroupNorm, conv_out, quant_conv: 27
+# chained reductions (SiLU, residual adds, the 1x1 shortcut: elementwise or shorter, in parallel).
+# The longest reduction is stage 1's GroupNorm statistics over one channel's 32 x 32 pixels
+# (convs: at most 16 * 9 = 144; attention: 256 tokens).
+TINY_VAE_ENC_K = 32 * 32
+TINY_VAE_ENC_CHAIN = 27
+
+EPS64 = torch.finfo(torch.float64).eps  # 2^-52 = 2u
+
+# A uint8 level v (0..255) to [-1, 1] as v / 127.5 - 1 in fp32: the quotient (<= 2) rounds within
+# 2u and the difference (<= 1 in size) within u (u = EPS32 / 2): 3u = 1.5 * EPS32 absolute from the
+# exact value. Two sides that both compute it in fp32 with the same ops agree bit for bit (IEEE
+# division and subtraction are correctly rounded on every CPU, vector or scalar).
+PIXEL_F32_ABS = 1.5 * EPS32
+
+
+def rounded_rel_tol(dtype: torch.dtype, expected: torch.Tensor, base_tol: float = 0.0) -> float:
+    """Norm-relative bound between `expected` and one rounding into `dtype` of a value that was
+    within norm-relative `base_tol` of it: u (1 + base_tol) + base_tol for the normal range, plus
+    sqrt(n) * underflow_tol / ||expected|| for elements that land among the subnormals."""
+    e = torch.as_tensor(expected).double()
+    tiny = math.sqrt(e.numel()) * underflow_tol(dtype) / max(e.norm().item(), torch.finfo(torch.float64).tiny)
+    return roundings_tol(dtype, 1) * (1 + base_tol) + base_tol + tiny
+
+
+def sum_positive_order_tol(n: int, eps: float = EPS32) -> float:
+    """Relative difference of two sums of the same n >= 0 terms in different orders: each is within
+    gamma_{n-1} ~ (n - 1) u of the exact sum (Higham, worst case, no cancellation for terms of one
+    sign), so they are apart by at most 2 (n - 1) u = (n - 1) * eps."""
+    return max(n - 1, 1) * eps * (1 + n * eps)
