@@ -55,10 +55,6 @@ def image_noise(indices: list[int], shape: tuple[int, ...], seed: int, device: t
     return torch.stack(out).to(device)
 
 
-def default_steps(sampler: str) -> int:
-    return {"ddpm": 250, "ddim": 50, "euler": 50, "heun": 25}[sampler]
-
-
 def generate(model: torch.nn.Module, process: str, labels: torch.Tensor, *, sampler: str | None = None,
              steps: int | None = None, cfg_scale: float = 1.0, cfg_channels: str | int = "all", seed: int = 0,
              batch_size: int = 64, indices: list[int] | None = None, shift: float = 1.0, eta: float = 0.0,
@@ -69,9 +65,10 @@ def generate(model: torch.nn.Module, process: str, labels: torch.Tensor, *, samp
     `indices` (default 0..N-1) are the global image numbers that seed each image's noise.
     With a routing `recorder`, every model call is attributed to its sampling step and labels.
     """
-    from .samplers import PROCESS_SAMPLERS, sample
+    from .config import default_sampler, default_steps
+    from .samplers import sample
 
-    sampler = sampler or PROCESS_SAMPLERS[process][0]
+    sampler = sampler or default_sampler(process)
     if steps is not None and steps < 1:
         raise ValueError(f"steps must be at least 1 (None = the sampler's default), got {steps}")
     if batch_size < 1:

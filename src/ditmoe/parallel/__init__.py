@@ -1,4 +1,4 @@
-"""Everything distributed lives here; model code is written for one device (see design.md).
+"""Everything distributed lives here; the model is written for one device and a layout is applied to it.
 
 Layouts, applied from outside by `wrap_model(model, mode, dist, ep_size)`:
 

@@ -9,6 +9,7 @@ from typing import Any, Callable
 
 import torch
 
+from ..config import PROCESS_SAMPLERS
 from ..diffusion.gaussian import GaussianDiffusion, create_diffusion, space_timesteps
 from ..kernels.weight_casts import reuse_weight_casts
 from .cfg import conditional, guided
@@ -16,7 +17,6 @@ from .ddim import ddim_sample
 from .ddpm import DenoiseFn, StepCallback, ddpm_sample
 from .ode import euler_sample, flow_timesteps, heun_sample, shift_time
 
-PROCESS_SAMPLERS = {"ddpm": ("ddpm", "ddim"), "flow": ("euler", "heun")}
 
 
 def _config_of(model: Any) -> Any:

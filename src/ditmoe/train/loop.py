@@ -13,7 +13,6 @@ exactly where the run stopped.
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ import torch
 
 from ..config import ModelConfig, TrainConfig
 from .. import kernels
+from ..devices import resolve_device
 from ..registry import create_model, get_config
 from .checkpoint import list_checkpoints, load_checkpoint, resolve_resume, rng_state, save_checkpoint, set_rng_state
 from .ema import EMA
@@ -108,17 +108,14 @@ def init_distributed(parallel: str) -> DistInfo:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if parallel == "none" and world > 1:
         parallel = "ddp"
+    dev = resolve_device()  # under torchrun with CUDA: cuda:LOCAL_RANK
     if world == 1 and parallel == "none":
-        dev = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
         return DistInfo(device=dev)
     import torch.distributed as dist
 
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
-        dev = torch.device("cuda", local_rank)
-    else:
-        dev = torch.device("cpu")
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, dev)
