@@ -38,28 +38,25 @@ def _read_config(folder: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
-def is_pretrained_folder(path: str | os.PathLike) -> bool:
-    """A folder written by `save_pretrained` (its config.json says format "ditmoe-pretrained")."""
+def _folder_config(path: str | os.PathLike) -> dict:
+    """The config.json mapping of a folder, or {} (not a folder, no or unreadable config.json)."""
     path = Path(path)
     if not path.is_dir():
-        return False
+        return {}
     try:
-        cfg = _read_config(path)
+        return _read_config(path) or {}
     except ValueError:
-        return False
-    return bool(cfg) and cfg.get("format") == FORMAT
+        return {}
+
+
+def is_pretrained_folder(path: str | os.PathLike) -> bool:
+    """A folder written by `save_pretrained` (its config.json says format "ditmoe-pretrained")."""
+    return _folder_config(path).get("format") == FORMAT
 
 
 def is_diffusers_folder(path: str | os.PathLike) -> bool:
     """A diffusers DiTTransformer2DModel folder (config.json with that `_class_name`)."""
-    path = Path(path)
-    if not path.is_dir():
-        return False
-    try:
-        cfg = _read_config(path)
-    except ValueError:
-        return False
-    return bool(cfg) and cfg.get("_class_name") == "DiTTransformer2DModel"
+    return _folder_config(path).get("_class_name") == "DiTTransformer2DModel"
 
 
 def save_pretrained(model, folder: str | os.PathLike, process: str | None = None,

@@ -57,6 +57,20 @@ def _check_sampling_args(args: argparse.Namespace) -> None:
         raise FileNotFoundError(f"--vae {args.vae} is not a folder: pass a local Stable-Diffusion VAE folder")
 
 
+def _load_checked(args: argparse.Namespace):
+    """Device, checkpoint path and output folder checked before loading; the loaded model and the
+    output folder, the sampler checked against the model's process."""
+    from ..convert import check_checkpoint_path, check_output_dir
+    from ..generate import load_for_sampling
+
+    device = resolve_device(args.device)
+    check_checkpoint_path(args.ckpt, "--ckpt")
+    out = check_output_dir(args.out)
+    loaded = load_for_sampling(args.ckpt, args.weights, args.process, device)
+    _check_sampler_fits(args, loaded.process)
+    return loaded, out
+
+
 def _check_sampler_fits(args: argparse.Namespace, process: str) -> None:
     if args.sampler is not None and args.sampler not in PROCESS_SAMPLERS[process]:
         raise ValueError(f"--sampler {args.sampler} does not sample a {process} model; choose one of "
@@ -102,9 +116,7 @@ def _sample(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
 
-    from ..generate import generate, load_for_sampling, parse_classes, save_grid, save_npz, save_singles, to_uint8_nhwc
-
-    from ..convert import check_checkpoint_path, check_output_dir
+    from ..generate import generate, parse_classes, save_grid, save_npz, save_singles, to_uint8_nhwc
 
     _check_sampling_args(args)
     if args.per_class < 1:
@@ -117,11 +129,7 @@ def _sample(args: argparse.Namespace) -> int:
     if args.grid_rows is not None and args.grid_rows < 1:
         raise ValueError(f"--grid-rows must be at least 1, got {args.grid_rows}")
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-    device = resolve_device(args.device)
-    check_checkpoint_path(args.ckpt, "--ckpt")
-    out = check_output_dir(args.out)
-    loaded = load_for_sampling(args.ckpt, args.weights, args.process, device)
-    _check_sampler_fits(args, loaded.process)
+    loaded, out = _load_checked(args)
     model, cfg = loaded.model, loaded.model.config
     labels = parse_classes(args.classes, cfg.num_classes, args.per_class)
     if args.num_images is not None:
@@ -181,9 +189,7 @@ def _analyze(args: argparse.Namespace) -> int:
     import torch
 
     from ..analysis import RoutingRecorder, analyze_counts, make_figures, write_report
-    from ..generate import generate, load_for_sampling
-
-    from ..convert import check_checkpoint_path, check_output_dir
+    from ..generate import generate
 
     _check_sampling_args(args)
     if args.per_class < 1:
@@ -191,11 +197,7 @@ def _analyze(args: argparse.Namespace) -> int:
     if args.permutations < 1:
         raise ValueError(f"--permutations must be at least 1, got {args.permutations} (the mutual-information "
                          "baselines shuffle the labels this many times)")
-    device = resolve_device(args.device)
-    check_checkpoint_path(args.ckpt, "--ckpt")
-    out = check_output_dir(args.out)
-    loaded = load_for_sampling(args.ckpt, args.weights, args.process, device)
-    _check_sampler_fits(args, loaded.process)
+    loaded, out = _load_checked(args)
     model, cfg = loaded.model, loaded.model.config
     if not cfg.is_moe:
         raise ValueError(f"{loaded.source} is a dense model: there are no experts to analyse")
