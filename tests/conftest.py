@@ -1,4 +1,5 @@
-"""Shared test set-up: one thread per test process (two cores, and multi-process tests)."""
+"""Shared test set-up: one thread per test process (two cores, and multi-process tests), and every
+test starts from the same global random state, so a result never depends on which tests ran before."""
 
 from pathlib import Path
 
@@ -8,6 +9,17 @@ import torch
 torch.set_num_threads(1)
 
 FIXTURES = Path(__file__).parent / "fixtures" / "official"
+
+
+@pytest.fixture(autouse=True)
+def _same_random_state_for_every_test():
+    import random
+
+    import numpy as np
+
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
 
 
 @pytest.fixture

@@ -120,7 +120,9 @@ def test_cli_upcycle_from_official_dense_file(tmp_path):
 
 
 def test_package_dense_swiglu_model_upcycles():
-    dense = ditmoe.create_model("debug-dense", dense_mlp_type="swiglu")
+    torch.manual_seed(0)
+    # eval(): in training mode the label embedding drops classes at random (class_dropout_prob).
+    dense = ditmoe.create_model("debug-dense", dense_mlp_type="swiglu").eval()
     with torch.no_grad():
         for p in dense.parameters():
             p.normal_(0, 0.05)
