@@ -143,7 +143,7 @@ def save_singles(images: np.ndarray, labels: np.ndarray, folder: str | os.PathLi
 
 def save_npz(images: np.ndarray, labels: np.ndarray, path: str | os.PathLike) -> Path:
     """ADM-suite .npz: arr_0 = uint8 NHWC images; arr_1 = the requested class labels."""
-    from .convert import atomic_write
+    from .weights_io import atomic_write
 
     path = Path(path)
     def write(tmp: str) -> None:

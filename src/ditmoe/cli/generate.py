@@ -60,8 +60,9 @@ def _check_sampling_args(args: argparse.Namespace) -> None:
 def _load_checked(args: argparse.Namespace):
     """Device, checkpoint path and output folder checked before loading; the loaded model and the
     output folder, the sampler checked against the model's process."""
-    from ..convert import check_checkpoint_path, check_output_dir
+    from ..convert import check_checkpoint_path
     from ..generate import load_for_sampling
+    from ..weights_io import check_output_dir
 
     device = resolve_device(args.device)
     check_checkpoint_path(args.ckpt, "--ckpt")

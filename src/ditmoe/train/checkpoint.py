@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..convert import atomic_write, torch_load_weights_only
+from ..weights_io import atomic_write, torch_load_weights_only
 
 _NAME = re.compile(r"^step_(\d+)\.pt$")
 

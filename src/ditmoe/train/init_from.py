@@ -76,8 +76,9 @@ def check_init_from(init_from: str, weights: str, out: Path | None = None, overw
 def read_init_source(init_from: str, weights: str = "ema", out: Path | None = None,
                      overwrite: bool = False) -> InitSource:
     """Read the weights of an --init-from file (any checkpoint `ditmoe.convert.load_model` reads)."""
-    from ..convert import (_PASS_INSTEAD, infer_config, official_to_package, read_safetensors, read_state_dict,
-                           torch_load_weights_only)
+    from ..convert import read_state_dict
+    from ..weights_io import (_PASS_INSTEAD, infer_config, official_to_package, read_safetensors,
+                              torch_load_weights_only)
 
     path = check_init_from(init_from, weights, out, overwrite)
     config: ModelConfig | None = None

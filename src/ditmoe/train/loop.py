@@ -305,8 +305,8 @@ class Trainer:
 
     def _build_deepspeed(self, resume_state: dict[str, Any] | None) -> None:
         """ZeRO-2 / ZeRO-3: DeepSpeed owns the optimizer, the loss scaling and the gradient reduction."""
-        from ..convert import load_into
         from ..parallel.deepspeed_engine import DeepSpeedTraining
+        from ..weights_io import load_into
 
         if resume_state is not None:  # the engine copies its fp32 masters from the module's weights
             load_into(self.model, resume_state["model"])
@@ -612,7 +612,7 @@ class Trainer:
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
-    from ..convert import atomic_write
+    from ..weights_io import atomic_write
 
     atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=2)))
 

@@ -22,7 +22,7 @@ LOCK_NAME = ".lock"
 RUN_FILES = ("config.json", "metrics.csv", "expert_load.csv", "train_summary.json",
              "model_ema.safetensors", "model_ema.json")
 _CHECKPOINT = re.compile(r"^step_\d+\.pt$")
-# Temporary files of `convert.atomic_write` (".NAME.RANDOM.tmp") for the files a run writes.
+# Temporary files of `weights_io.atomic_write` (".NAME.RANDOM.tmp") for the files a run writes.
 _TEMP = re.compile(r"^\.(step_\d+\.pt|config\.json|train_summary\.json|model_ema\.safetensors|model_ema\.json|"
                    r"metrics\.csv|expert_load\.csv)\..*\.tmp$")
 
