@@ -271,6 +271,7 @@ BALANCE_SCOPES = ("local", "global")
 VERIFY_MODES = ("fast", "full", "none")
 WEIGHT_KINDS = ("ema", "model")
 TIME_DISTS = ("logit_normal", "uniform")
+LR_DECAYS = ("none", "cosine", "linear")
 NOISE_SCHEDULES = ("linear", "cosine")
 WANDB_MISSING = ("logger 'wandb' needs the wandb package, which the default install leaves out: pip install wandb "
                  "(WANDB_MODE=offline logs without an account; `wandb sync` uploads later), or train with "
@@ -310,6 +311,11 @@ class TrainConfig:
     micro_batch: int = option(0, "images per forward on one process; 0 = global_batch / world size (no accumulation)")
     lr: float = option(1e-4, "AdamW learning rate (constant after the warm-up)")
     warmup_steps: int = option(0, "linear warm-up, then constant (the paper's schedule)")
+    lr_decay: str = option("none", "after the warm-up: none (constant, the paper's schedule), or a cosine / "
+                           "linear decay to lr_final over the last lr_decay_fraction of the steps", choices=LR_DECAYS)
+    lr_decay_fraction: float = option(1.0, "share of the steps (after the warm-up) over which lr_decay runs, "
+                                      "at the end of training; in (0, 1]")
+    lr_final: float = option(0.0, "learning rate at the last step with lr_decay")
     weight_decay: float = option(0.0, "AdamW weight decay")
     adam_beta1: float = option(0.9, "AdamW beta1")
     adam_beta2: float = option(0.999, "AdamW beta2")
@@ -384,6 +390,10 @@ class TrainConfig:
                           ("diffusion_steps", 1)):
             if getattr(self, name) < low:
                 problems.append(f"{name} must be >= {low}, got {getattr(self, name)}")
+        if not 0 < self.lr_decay_fraction <= 1:
+            problems.append(f"lr_decay_fraction must be in (0, 1], got {self.lr_decay_fraction}")
+        if not 0 <= self.lr_final <= self.lr:
+            problems.append(f"lr_final must be in [0, lr = {self.lr}], got {self.lr_final}")
         if self.steps > 10**9:
             problems.append(f"steps {self.steps} is more than 10^9 optimizer steps; check the value")
         if self.global_batch > 2**24:

@@ -13,6 +13,7 @@ exactly where the run stopped.
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -140,6 +141,20 @@ def build_optimizer(params: Any, cfg: TrainConfig, device: torch.device) -> torc
     fused = device.type in ("cpu", "cuda") and cfg.parallel in ("none", "ddp")
     return torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
                              weight_decay=cfg.weight_decay, **({"fused": True} if fused else {}))
+
+
+def lr_at(cfg: TrainConfig, step: int) -> float:
+    """The learning rate of optimizer step `step` (0-based): linear warm-up, then constant, or a
+    decay that reaches cfg.lr_final at the last step (cfg.steps - 1)."""
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.lr_decay == "none":
+        return cfg.lr
+    span = max(1, round(cfg.lr_decay_fraction * (cfg.steps - cfg.warmup_steps)))
+    frac = min(1.0, max(0.0, (step - (cfg.steps - 1 - span)) / span))  # 0 before the decay, 1 at the last step
+    if cfg.lr_decay == "cosine":
+        frac = 0.5 * (1 - math.cos(math.pi * frac))
+    return cfg.lr + (cfg.lr_final - cfg.lr) * frac
 
 
 def build_process(cfg: TrainConfig, model_cfg: ModelConfig):
@@ -477,9 +492,7 @@ class Trainer:
         return grad_norm
 
     def _lr_at(self, step: int) -> float:
-        if self.cfg.warmup_steps and step < self.cfg.warmup_steps:
-            return self.cfg.lr * (step + 1) / self.cfg.warmup_steps
-        return self.cfg.lr
+        return lr_at(self.cfg, step)
 
     # ------------------------------------------------------------------ previews
     def _preview_writer(self):
