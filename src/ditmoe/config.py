@@ -201,8 +201,8 @@ class ModelConfig:
 
 
 __all__ = ["ModelConfig", "TrainConfig", "EXPERT_TYPES", "ATTN_LAYOUTS", "MOE_PLACEMENTS", "PROCESSES", "PRECISIONS",
-           "PARALLEL_MODES", "LOGGERS", "PROCESS_SAMPLERS", "SAMPLER_STEPS",
-           "check_choices", "default_sampler", "default_steps", "check_field_types", "option"]
+           "PARALLEL_MODES", "LOGGERS", "PROCESS_SAMPLERS", "SAMPLER_STEPS", "DEFAULT_CFG_SCALE",
+           "check_choices", "default_sampler", "default_steps", "recorded_sampling", "SAMPLING_FIELDS", "check_field_types", "option"]
 
 _TYPE_WORDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
 
@@ -282,6 +282,7 @@ WANDB_MISSING = ("logger 'wandb' needs the wandb package, which the default inst
 # step count; `ditmoe sample / analyze`, generate() and the training previews read these.
 PROCESS_SAMPLERS = {"ddpm": ("ddpm", "ddim"), "flow": ("euler", "heun")}
 SAMPLER_STEPS = {"ddpm": 250, "ddim": 50, "euler": 50, "heun": 25}
+DEFAULT_CFG_SCALE = 1.5  # the paper's guidance scale, where neither a flag nor the run says otherwise
 
 
 def default_sampler(process: str) -> str:
@@ -291,6 +292,22 @@ def default_sampler(process: str) -> str:
 
 def default_steps(sampler: str) -> int:
     return SAMPLER_STEPS[sampler]
+
+
+SAMPLING_FIELDS = ("sampler", "sample_steps", "cfg_scale")  # TrainConfig fields recorded for sampling
+
+
+def recorded_sampling(train: Any) -> dict[str, Any] | None:
+    """The sampling settings a run's training config (a dict, as checkpoints and config.json hold
+    it) records, resolved ({"sampler", "steps", "cfg_scale"}); None when it records none (runs
+    from before they were recorded) or they do not read as valid settings."""
+    if not isinstance(train, dict) or not any(k in train for k in SAMPLING_FIELDS):
+        return None
+    try:
+        cfg = TrainConfig(process=train.get("process", "flow"), **{k: train[k] for k in SAMPLING_FIELDS if k in train})
+        return cfg.validate().sampling()
+    except (TypeError, ValueError):
+        return None
 
 
 def logger_kinds(logger: str) -> list[str]:
@@ -360,6 +377,12 @@ class TrainConfig:
                          "tensorboard,wandb both, csv nothing more", choices=LOGGERS, many=True)
     sample_every: int = option(0, "steps between preview grids from the EMA weights (OUT/previews/step_XXXXXXX.png "
                                "and the logger; also at the last step); 0 = off")
+    # The sampling this recipe was tuned for: recorded with the run (checkpoints, config.json,
+    # model_ema.safetensors); previews use it, and `ditmoe sample` / `analyze` when no flag says otherwise.
+    sampler: str = option("", "sampler recorded with the run; '' = the process's default (euler for flow, "
+                          "ddpm for DDPM)", choices=("",) + tuple(SAMPLER_STEPS))
+    sample_steps: int = option(0, "sampling steps recorded with the run; 0 = the sampler's default")
+    cfg_scale: float = option(DEFAULT_CFG_SCALE, "classifier-free guidance scale recorded with the run (1 = none)")
     # rectified flow
     time_dist: str = option("logit_normal", "flow: distribution of the training times", choices=TIME_DISTS)
     time_mean: float = option(0.0, "flow: mean of the logit-normal times")
@@ -368,6 +391,11 @@ class TrainConfig:
     noise_schedule: str = option("linear", "ddpm: beta schedule", choices=NOISE_SCHEDULES)
     diffusion_steps: int = option(1000, "ddpm: diffusion steps of the training process")
     progress: bool = option(True, "progress bar on the terminal")
+
+    def sampling(self) -> dict[str, Any]:
+        """The recorded sampling settings, resolved: {"sampler", "steps", "cfg_scale"}."""
+        sampler = self.sampler or default_sampler(self.process)
+        return {"sampler": sampler, "steps": self.sample_steps or default_steps(sampler), "cfg_scale": self.cfg_scale}
 
     def validate(self) -> "TrainConfig":
         """Raise ValueError naming every bad setting and its allowed range; return self for chaining."""
@@ -394,6 +422,13 @@ class TrainConfig:
             problems.append(f"lr_decay_fraction must be in (0, 1], got {self.lr_decay_fraction}")
         if not 0 <= self.lr_final <= self.lr:
             problems.append(f"lr_final must be in [0, lr = {self.lr}], got {self.lr_final}")
+        if self.sampler and self.process in PROCESS_SAMPLERS and self.sampler not in PROCESS_SAMPLERS[self.process]:
+            problems.append(f"sampler {self.sampler} does not sample a {self.process} model; choose one of "
+                            f"{', '.join(PROCESS_SAMPLERS[self.process])}, or '' for the default")
+        if self.sample_steps < 0:
+            problems.append(f"sample_steps must be >= 0 (0 = the sampler's default), got {self.sample_steps}")
+        if self.cfg_scale < 0:
+            problems.append(f"cfg_scale must be >= 0 (1 = no guidance), got {self.cfg_scale}")
         if self.steps > 10**9:
             problems.append(f"steps {self.steps} is more than 10^9 optimizer steps; check the value")
         if self.global_batch > 2**24:

@@ -20,7 +20,7 @@ from typing import Any, Mapping
 
 import torch
 
-from .config import ModelConfig
+from .config import ModelConfig, recorded_sampling
 from .registry import create_model
 # The file and state-dict helpers live in weights_io (which pretrained and export import too);
 # they stay importable from here, where the README and older code import them.
@@ -136,8 +136,8 @@ def save_model(model_or_sd, path: str | os.PathLike, config: ModelConfig | None 
     return path
 
 
-def run_process_near(path: str | os.PathLike) -> str | None:
-    """The process ("flow" / "ddpm") in the config.json of the run a checkpoint sits in, if any."""
+def run_train_config_near(path: str | os.PathLike) -> dict[str, Any] | None:
+    """The training config (a dict) in the config.json of the run a checkpoint sits in, if any."""
     path = Path(path)
     for candidate in (path.parent / "config.json", path.parent.parent / "config.json"):
         if candidate.is_file():
@@ -146,12 +146,18 @@ def run_process_near(path: str | os.PathLike) -> str | None:
             except (json.JSONDecodeError, UnicodeDecodeError, OSError):
                 continue
             if isinstance(data, dict) and isinstance(data.get("train"), dict):
-                return data["train"].get("process")
+                return data["train"]
     return None
 
 
+def run_process_near(path: str | os.PathLike) -> str | None:
+    """The process ("flow" / "ddpm") in the config.json of the run a checkpoint sits in, if any."""
+    train = run_train_config_near(path)
+    return train.get("process") if train else None
+
+
 def load_model_and_info(path: str | os.PathLike, weights: str = "ema", config: ModelConfig | str | None = None,
-                        **overrides: Any) -> tuple[torch.nn.Module, dict[str, str]]:
+                        **overrides: Any) -> tuple[torch.nn.Module, dict[str, Any]]:
     """Load any checkpoint ditmoe reads (eval mode) and say what it is.
 
     A training checkpoint (format "ditmoe-train") is built from the model config it records and
@@ -162,7 +168,8 @@ def load_model_and_info(path: str | os.PathLike, weights: str = "ema", config: M
 
     The info dict has "weights" ("ema" / "model" for training checkpoints, the file's own label
     such as "ema" for a run's model_ema.safetensors, else "file") and, when the checkpoint records
-    it, "process" ("flow" / "ddpm").
+    them, "process" ("flow" / "ddpm") and "sampling" (the run's recorded {"sampler", "steps",
+    "cfg_scale"}).
     """
     path = check_checkpoint_path(path)
     if path.is_dir():  # a model folder carries its config: a model name or overrides could only contradict it
@@ -193,6 +200,13 @@ def _from_state_dict(path: Path, sd: StateDict, meta: dict[str, str], config, ov
     info = {"weights": meta.get("weights", "file")}
     if meta.get("process") in ("flow", "ddpm"):
         info["process"] = meta["process"]
+    if "sampling" in meta:
+        try:
+            sampling = json.loads(meta["sampling"])
+        except json.JSONDecodeError:
+            sampling = None
+        if isinstance(sampling, dict) and set(sampling) == {"sampler", "steps", "cfg_scale"}:
+            info["sampling"] = sampling
     if config is not None:
         return load_official(sd, config=config, **overrides), info
     if meta.get("format") == "ditmoe":
@@ -228,13 +242,17 @@ def _from_training_checkpoint(state: Mapping[str, Any], path: Path, weights: str
         raise ValueError(f"weights must be 'ema' or 'model', got {weights!r}")
     model = create_model(cfg)
     load_into(model, state[weights])
-    info = {"weights": weights}
+    info: dict[str, Any] = {"weights": weights}
     try:
-        process = json.loads(state["train_config"]).get("process")
+        train = json.loads(state["train_config"])
     except (KeyError, TypeError, json.JSONDecodeError):
-        process = None
+        train = None
+    process = train.get("process") if isinstance(train, dict) else None
     if process in ("flow", "ddpm"):
         info["process"] = process
+    sampling = recorded_sampling(train)
+    if sampling:
+        info["sampling"] = sampling
     return model.eval(), info
 
 

@@ -446,7 +446,8 @@ class Trainer:
         from .previews import PreviewWriter, latent_decoder
 
         decode = latent_decoder(self.data_info, self.dist.device) if self.data_info.is_latent else None
-        return PreviewWriter(self.out, self.cfg.process, self.model_cfg.num_classes, self.autocast_dtype, decode)
+        return PreviewWriter(self.out, self.cfg.process, self.model_cfg.num_classes, self.autocast_dtype,
+                             self.cfg.sampling(), decode)
 
     def _write_preview(self, previews, logger: RunLogger) -> None:
         """One preview grid from the EMA weights, written by rank 0.
@@ -552,7 +553,8 @@ class Trainer:
             logger.close()
             try:
                 save_model(ema_state, self.out / "model_ema.safetensors", config=self.model_cfg,
-                           extra_meta={"weights": "ema", "process": cfg.process})
+                           extra_meta={"weights": "ema", "process": cfg.process,
+                                       "sampling": json.dumps(cfg.sampling())})
             except (OSError, RuntimeError) as e:
                 raise RuntimeError(f"writing {self.out / 'model_ema.safetensors'} failed ({_short_error(e)}); the "
                                    f"checkpoint {ckpt} holds the same EMA weights. Free disk space and rerun with "
