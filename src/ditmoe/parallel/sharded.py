@@ -35,26 +35,31 @@ from .expert import expert_parallel_modules, is_expert_parallel
 _IMPLEMENTATION_KEYS = ("fused", "foreach", "capturable", "differentiable")
 
 
-def _expert_mesh(model: nn.Module):
+def _expert_mesh(model: nn.Module, device_type: str):
     """The (ep, dp) mesh of the world's ranks: ep groups are consecutive ranks (see
     expert.expert_parallel_groups), so ep rank e of dp index d is global rank d * ep + e.
 
     The mesh only places each rank's slice in the global tensor for DCP's metadata; nothing
-    communicates over it, so no process groups are created for it (`_init_backend=False`)."""
+    communicates over it, so no process groups are created for it (`_init_backend=False`). Its
+    device type is the tensors' (DTensor.from_local would move a tensor to another device)."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import DeviceMesh
 
     _, mod = next(expert_parallel_modules(model))
     world, ep = dist.get_world_size(), mod.ep_size
     ranks = torch.arange(world).view(world // ep, ep).t()
-    return DeviceMesh("cpu", ranks, _init_backend=False, _rank=dist.get_rank())
+    return DeviceMesh(device_type, ranks, _init_backend=False, _rank=dist.get_rank())
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t
 
 
 def _expert_view(t: torch.Tensor, mod: Any, mesh: Any) -> torch.Tensor:
     """`t` (a local expert parameter or AdamW moment) as a DTensor of the full (E, ...) tensor."""
     from torch.distributed.tensor import DTensor, Replicate, Shard
 
-    local = t.to_local() if hasattr(t, "to_local") else t
+    local = _local(t)
     shape = (mod.num_global_experts, *t.shape[1:])  # t.shape: the ep slice (a DTensor's is its global shape)
     placements = [Shard(0), Shard(0) if hasattr(t, "to_local") else Replicate()]
     stride = torch.empty(shape, device="meta").stride()
@@ -72,7 +77,7 @@ def _with_expert_views(model: nn.Module, model_sd: dict[str, Any], optim_sd: dic
     returns (container, key, original) for each, to put the originals back after a load."""
     if not is_expert_parallel(model):
         return []
-    owners, mesh = _expert_keys(model), _expert_mesh(model)
+    owners, meshes = _expert_keys(model), {}
     replaced = []
     for key, mod in owners.items():
         entries = [(model_sd, key)] if key in model_sd else []
@@ -80,8 +85,12 @@ def _with_expert_views(model: nn.Module, model_sd: dict[str, Any], optim_sd: dic
         entries += [(state, k) for k, v in state.items()
                     if torch.is_tensor(v) and v.ndim and v.shape[0] == mod.num_experts]  # moments, not the step count
         for container, k in entries:
-            replaced.append((container, k, container[k]))
-            container[k] = _expert_view(container[k], mod, mesh)
+            t = container[k]
+            device = _local(t).device.type
+            if device not in meshes:
+                meshes[device] = _expert_mesh(model, device)
+            replaced.append((container, k, t))
+            container[k] = _expert_view(t, mod, meshes[device])
     return replaced
 
 
@@ -121,9 +130,13 @@ def load_sharded(folder: str | Path, model: nn.Module, ema_model: nn.Module, opt
             dcp.load(sd, checkpoint_id=str(folder))
     except (Exception, dcp.CheckpointException) as e:  # DCP's (every rank gets it): a missing or short shard
         raise dcp_error(folder, e) from None
-    # The expert views share storage with the expert slices (DTensor.from_local does not copy), so
-    # DCP has written those; set_*_state_dict takes the slices in the layout's own form again.
+    # The expert views share storage with the expert slices (DTensor.from_local does not copy on
+    # the tensor's own device), so DCP has written those; the copy is there should a view ever be
+    # a copy. set_*_state_dict then takes the slices in the layout's own form again.
     for container, key, original in replaced:
+        read, own = _local(container[key]), _local(original)
+        if read.data_ptr() != own.data_ptr():
+            own.copy_(read)
         container[key] = original
     for saved, own in zip(sd["optimizer"]["param_groups"], optimizer.param_groups):
         saved.update({k: own[k] for k in _IMPLEMENTATION_KEYS if k in own})

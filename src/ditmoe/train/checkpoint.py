@@ -162,13 +162,14 @@ def _fsync_dir(path: Path) -> None:
 
 
 def save_sharded_checkpoint(out: str | Path, step: int, model, ema_model, optimizer, side: dict[str, Any],
-                            keep_last: int) -> Path | None:
+                            per_rank: dict[str, Any], keep_last: int) -> Path | None:
     """Write out/checkpoints/step_XXXXXXX.dcp/ (collective: every rank calls it); rank 0 gets the path.
 
     1. rank 0 creates the temporary folder `.step_XXXXXXX.dcp.tmp` (every rank waits for it);
     2. every rank writes its shards into it (`parallel.sharded.save_sharded`; DCP writes its
        `.metadata` last, on rank 0, once all shards are written, and fsyncs the files);
-    3. rank 0 gathers every rank's RNG streams and writes the side file with `side`;
+    3. rank 0 gathers every rank's `per_rank` (its RNG streams) and writes the side file: `side`
+       (the same on every rank), the lists of `per_rank` entries and rank 0's as in a file checkpoint;
     4. rank 0 renames the folder into place, then prunes to the newest `keep_last`; the other
        ranks wait for the rename, so the checkpoint exists when any rank returns.
 
@@ -192,16 +193,14 @@ def save_sharded_checkpoint(out: str | Path, step: int, model, ema_model, optimi
         raise error or OSError(f"rank 0 could not create {tmp}")
     try:
         save_sharded(tmp, model, ema_model, optimizer)  # raises on every rank if any rank failed
-        per_rank = {"rng": rng_state(), "noise_gen": side.pop("noise_gen")}
         gathered = [None] * dist.get_world_size() if dist and rank == 0 else None
         if dist:
             dist.gather_object(per_rank, gathered, dst=0)
         else:
             gathered = [per_rank]
         if rank == 0:
-            state = {"format": SHARDED_FORMAT, **side, "rng": gathered[0]["rng"], "noise_gen": gathered[0]["noise_gen"],
-                     "rng_per_rank": [g["rng"] for g in gathered],
-                     "noise_gen_per_rank": [g["noise_gen"] for g in gathered]}
+            state = {"format": SHARDED_FORMAT, **side, **gathered[0],
+                     **{f"{k}_per_rank": [g[k] for g in gathered] for k in per_rank}}
             atomic_write(tmp / SIDE_FILE, lambda f: torch.save(state, f))
             _fsync_dir(tmp)
             if final.exists():  # the same step written again (a rerun from an earlier checkpoint):

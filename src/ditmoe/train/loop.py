@@ -368,8 +368,9 @@ class Trainer:
         try:
             if self.checkpoint_format == "sharded":
                 side = {**self._progress_state(), "world_size": self.dist.world, "parallel": self.cfg.parallel}
+                per_rank = {"rng": side.pop("rng"), "noise_gen": side.pop("noise_gen")}  # this rank's streams
                 return save_sharded_checkpoint(self.out, self.step, self.model, self.ema.model, self.optimizer, side,
-                                               self.cfg.keep_last)
+                                               per_rank, self.cfg.keep_last)
             state = self._state()  # collective under FSDP: every rank takes part
             if not self.dist.is_main:
                 return None
