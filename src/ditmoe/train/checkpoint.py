@@ -204,7 +204,8 @@ def save_sharded_checkpoint(out: str | Path, step: int, model, ema_model, optimi
             atomic_write(tmp / SIDE_FILE, lambda f: torch.save(state, f))
             _fsync_dir(tmp)
             if final.exists():  # the same step written again (a rerun from an earlier checkpoint):
-                # move the old one aside first; directories cannot be renamed over a non-empty one
+                # move the old one aside first, since a folder cannot be renamed over a non-empty
+                # one; a crash between the two renames loses this step only, not the earlier ones
                 aside = final.parent / f".{final.name}.old.tmp"
                 remove_checkpoint(aside)
                 os.replace(final, aside)
@@ -221,7 +222,7 @@ def save_sharded_checkpoint(out: str | Path, step: int, model, ema_model, optimi
         if error is None:
             raise RuntimeError(f"another rank failed writing {final}")
         inner = first_failure(error)  # DCP's CheckpointException is a BaseException: its first rank's error
-        if isinstance(inner, (OSError, RuntimeError)):
+        if isinstance(inner, (OSError, RuntimeError)) or not isinstance(inner, Exception):  # e.g. KeyboardInterrupt
             raise inner
         raise RuntimeError(f"{type(inner).__name__}: {inner}") from inner
     if rank != 0:
