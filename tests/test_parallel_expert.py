@@ -127,7 +127,9 @@ TRAINER_RUNS = {
     4: [("ep", {"parallel": "ep"}),  # ep = world = 4
         # dp 2 x ep 2, dense weights by DDP, 2 micro-batches per process (the first without sync)
         ("ep2_ddp_accum", {"parallel": "ep", "ep_size": 2, "micro_batch": GLOBAL_BATCH // 8}),
-        ("ep2_fsdp", {"parallel": "ep_fsdp", "ep_size": 2})],  # dp 2 x ep 2, dense weights by FSDP2
+        # dp 2 x ep 2, dense weights by FSDP2; a sharded checkpoint (each expert slice FSDP-sharded
+        # over its dp pair: test_parallel_sharded), read whole and resumed in one process below
+        ("ep2_fsdp", {"parallel": "ep_fsdp", "ep_size": 2, "checkpoint_format": "sharded"})],
 }
 
 

@@ -266,6 +266,7 @@ def check_field_types(cls: type, values: dict[str, Any], where: str) -> dict[str
 PROCESSES = ("flow", "ddpm")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 PARALLEL_MODES = ("none", "ddp", "fsdp", "ep", "ep_fsdp", "zero2", "zero3")
+CHECKPOINT_FORMATS = ("auto", "file", "sharded")
 LOGGERS = ("csv", "tensorboard", "wandb")  # CSV files are written under every choice
 BALANCE_SCOPES = ("local", "global")
 VERIFY_MODES = ("fast", "full", "none")
@@ -362,6 +363,13 @@ class TrainConfig:
     log_every: int = option(50, "steps between log lines / CSV rows; 0 = one row, at the end")
     ckpt_every: int = option(1000, "steps between checkpoints; 0 = only the one always written at the end")
     keep_last: int = option(2, "checkpoints kept on disk")
+    checkpoint_format: str = option("auto", "file: one file per checkpoint (step_N.pt; under fsdp / ep the state is "
+                                    "gathered on rank 0); sharded: a folder (step_N.dcp) of every rank's shards, "
+                                    "written by torch.distributed.checkpoint, nothing gathered; auto: sharded under "
+                                    "fsdp / ep / ep_fsdp on several processes when the state exceeds "
+                                    "sharded_above_gb, else file", choices=CHECKPOINT_FORMATS)
+    sharded_above_gb: float = option(16.0, "checkpoint_format auto: the size of weights + EMA + AdamW state (16 bytes "
+                                     "per parameter; 16 GB = 1B parameters) above which checkpoints are sharded")
     resume: str = option("", "'' (fresh; refused if out holds a run), auto (the newest checkpoint in "
                          "out/checkpoints; where there is none, a new run starts and says so) or a checkpoint path")
     init_from: str = option("", "start a new run (step 0, fresh optimizer, EMA = these weights) from a training "
@@ -409,6 +417,11 @@ class TrainConfig:
             problems.append("compile is not supported with the DeepSpeed layouts; drop --compile or use fsdp")
         if self.ep_size < 0:
             problems.append(f"ep_size must be >= 0 (0 = the whole world), got {self.ep_size}")
+        if self.checkpoint_format == "sharded" and self.parallel in ("zero2", "zero3"):
+            problems.append("checkpoint_format sharded is not supported with the DeepSpeed layouts (zero2 / zero3); "
+                            "use file (or auto), or --parallel fsdp / ep_fsdp")
+        if not (math.isfinite(self.sharded_above_gb) and self.sharded_above_gb >= 0):
+            problems.append(f"sharded_above_gb must be a finite number >= 0, got {self.sharded_above_gb}")
         if not self.out.strip():
             problems.append("out must name an output folder, got an empty string")
         if not self.data.strip():

@@ -39,8 +39,11 @@ def check_checkpoint_path(path: str | os.PathLike, flag: str = "checkpoint") -> 
 
         if is_pretrained_folder(path) or is_diffusers_folder(path):
             return path
+        if _is_sharded_folder(path):  # read (and checked) by load_model_and_info
+            return path
         found = [p for p in (path / "model_ema.safetensors",) if p.is_file()]
         found += sorted((path / "checkpoints").glob("step_*.pt")) if (path / "checkpoints").is_dir() else []
+        found += sorted((path / "checkpoints").glob("step_*.dcp")) if (path / "checkpoints").is_dir() else []
         found += sorted(p for p in path.iterdir() if p.is_file() and p.suffix in (".safetensors", ".pt", ".pth", ".bin")
                         and p not in found)
         hint = ("it holds: " + ", ".join(str(p) for p in found[:8]) + (" ..." if len(found) > 8 else "")
@@ -172,6 +175,8 @@ def load_model_and_info(path: str | os.PathLike, weights: str = "ema", config: M
     "cfg_scale"}).
     """
     path = check_checkpoint_path(path)
+    if path.is_dir() and _is_sharded_folder(path):
+        return _from_sharded_checkpoint(path, weights, config, overrides)
     if path.is_dir():  # a model folder carries its config: a model name or overrides could only contradict it
         from .pretrained import load_pretrained_and_info
 
@@ -254,6 +259,23 @@ def _from_training_checkpoint(state: Mapping[str, Any], path: Path, weights: str
     if sampling:
         info["sampling"] = sampling
     return model.eval(), info
+
+
+def _is_sharded_folder(path: Path) -> bool:
+    from .parallel.dcp_files import SUFFIX, is_sharded_checkpoint
+
+    return is_sharded_checkpoint(path) or path.suffix == SUFFIX
+
+
+def _from_sharded_checkpoint(path: Path, weights: str, config, overrides: dict[str, Any]):
+    """A sharded training checkpoint (RUN/checkpoints/step_N.dcp): its `weights` ("ema" / "model")
+    assembled whole in this process from every rank's shards, nothing else read."""
+    from .parallel.dcp_files import read_full, read_side_file
+
+    side = read_side_file(path)
+    if weights not in ("ema", "model"):
+        raise ValueError(f"weights must be 'ema' or 'model', got {weights!r}")
+    return _from_training_checkpoint({**side, weights: read_full(path, weights)}, path, weights, config, overrides)
 
 
 def load_model(path: str | os.PathLike, **overrides: Any):

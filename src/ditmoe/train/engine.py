@@ -94,7 +94,11 @@ class TorchEngine:
         self.optimizer = build_optimizer(model.parameters(), cfg, dist.device)
         # Loss scaling only matters for fp16; for bf16 / fp32 the scaler is a pass-through.
         self.scaler = torch.amp.GradScaler(dist.device.type, enabled=autocast_dtype == torch.float16)
-        if resume is not None:
+        if resume is not None and resume["_sharded"]:  # each rank reads the shards it holds
+            from ..parallel.sharded import load_sharded
+
+            load_sharded(resume["_path"], model, self.ema.model, self.optimizer)
+        elif resume is not None:
             load_full_model_state(model, resume["model"], cfg.parallel)
             load_full_model_state(self.ema.model, resume["ema"], cfg.parallel)
             load_full_optimizer_state(model, self.optimizer, resume["optimizer"], cfg.parallel)

@@ -26,7 +26,9 @@ from ..config import ModelConfig, TrainConfig
 from .. import kernels
 from ..devices import resolve_device
 from ..registry import create_model, get_config
-from .checkpoint import list_checkpoints, load_checkpoint, resolve_resume, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import (STATE_BYTES_PER_PARAM, choose_format, is_sharded, list_checkpoints, load_checkpoint,
+                         read_sharded_header, resolve_resume, rng_state, save_checkpoint, save_sharded_checkpoint,
+                         set_rng_state)
 from .engine import Engine, build_engine
 from .progress import ExpertLoadTracker, Progress, RunLogger
 from .rundir import RunLock, check_fresh_run, clean_temp_files, clear_run, prepare_out_dir
@@ -248,6 +250,8 @@ class Trainer:
         self.model.gradient_checkpointing = cfg.grad_checkpointing
         self.autocast_dtype = choose_precision(cfg.precision, self.dist.device, self.model_cfg)
         self.num_parameters = sum(p.numel() for p in self.model.parameters())  # before any sharding
+        self.checkpoint_format = choose_format(cfg.checkpoint_format, cfg.parallel, self.dist.world,
+                                               STATE_BYTES_PER_PARAM * self.num_parameters, cfg.sharded_above_gb)
         self.step = 0
         # Per-rank noise stream, checkpointed with the rest of the RNG state.
         self.noise_gen = torch.Generator(self.dist.device).manual_seed(cfg.seed * 7919 + self.dist.rank + 1)
@@ -314,15 +318,11 @@ class Trainer:
     def full_ema_state(self) -> dict[str, torch.Tensor]:
         return self.engine.full_ema_state()
 
-    def _state(self) -> dict[str, Any]:
-        model, ema, optimizer = self._full_states()
+    def _progress_state(self) -> dict[str, Any]:
+        """Everything of a checkpoint but the tensor state: step, RNG streams, data position, configs."""
         return {
-            "format": "ditmoe-train",
             "step": self.step,
-            "model": model,
-            "ema": ema,
             "weights_note": "'ema' holds the exponential moving average (decay %g); results use it" % self.cfg.ema_decay,
-            "optimizer": optimizer,
             "rng": rng_state(),
             "noise_gen": self.noise_gen.get_state(),
             "data_position": {"step": self.step, "seed": self.cfg.seed, "global_batch": self.cfg.global_batch},
@@ -330,12 +330,22 @@ class Trainer:
             "model_config": self.model_cfg.to_json(),
         }
 
+    def _state(self) -> dict[str, Any]:
+        model, ema, optimizer = self._full_states()
+        return {"format": "ditmoe-train", "model": model, "ema": ema, "optimizer": optimizer, **self._progress_state()}
+
     def save(self) -> Path | None:
-        state = self._state()  # collective under FSDP: every rank takes part
-        if not self.dist.is_main:
-            return None
-        previous = list_checkpoints(self.out)
+        """Write a checkpoint of the current step (collective: every rank calls it); rank 0 gets its path."""
+        previous = list_checkpoints(self.out) if self.dist.is_main else []
         try:
+            if self.checkpoint_format == "sharded":
+                side = {**self._progress_state(), "world_size": self.dist.world, "parallel": self.cfg.parallel}
+                per_rank = {"rng": side.pop("rng"), "noise_gen": side.pop("noise_gen")}  # this rank's streams
+                return save_sharded_checkpoint(self.out, self.step, self.model, self.ema.model, self.optimizer, side,
+                                               per_rank, self.cfg.keep_last)
+            state = self._state()  # collective under FSDP: every rank takes part
+            if not self.dist.is_main:
+                return None
             return save_checkpoint(self.out, self.step, state, self.cfg.keep_last)
         except (OSError, RuntimeError) as e:  # torch.save reports a failed write (full disk) as RuntimeError
             keep = f"; the previous checkpoint {previous[-1]} is intact" if previous else ""
@@ -354,8 +364,15 @@ class Trainer:
             if self.cfg.resume == "auto" and self.dist.is_main:
                 print(f"--resume auto: no checkpoint in {self.out / 'checkpoints'}; starting a new run at step 0")
             return None
-        state = load_checkpoint(path)
-        state["_path"] = path
+        sharded = is_sharded(path)
+        if sharded and self.cfg.parallel in ("zero2", "zero3"):
+            raise ValueError(f"{path} is a sharded checkpoint, which the DeepSpeed layouts do not read; resume it with "
+                             f"--parallel fsdp (or ep / ep_fsdp / none), or turn it into a file first with "
+                             f"`ditmoe convert` (weights only) ")
+        # A sharded checkpoint: only its side file here; every rank reads its shards once the
+        # model has its layout (_build_torch).
+        state = read_sharded_header(path) if sharded else load_checkpoint(path)
+        state["_path"], state["_sharded"] = path, sharded
         saved_train = json.loads(state["train_config"])
         for key in ("process", "data", "global_batch", "seed"):
             if saved_train.get(key) != getattr(self.cfg, key):
@@ -376,7 +393,11 @@ class Trainer:
         """Step, RNG streams and data position of a checkpoint whose weights are already loaded."""
         path = state["_path"]
         self.step = int(state["step"])
-        if self.dist.world == 1:  # per-rank streams differ; a changed world size re-seeds them
+        per_rank = state.get("rng_per_rank")
+        if per_rank is not None and len(per_rank) == self.dist.world:  # sharded: every rank's own streams
+            set_rng_state(per_rank[self.dist.rank])
+            self.noise_gen.set_state(state["noise_gen_per_rank"][self.dist.rank])
+        elif self.dist.world == 1:  # per-rank streams differ; a changed world size re-seeds them
             set_rng_state(state["rng"])
             self.noise_gen.set_state(state["noise_gen"])
         else:
