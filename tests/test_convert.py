@@ -8,7 +8,8 @@ from safetensors.torch import load_file, save_file
 
 import ditmoe
 from ditmoe.cli import main
-from ditmoe.convert import CheckpointMismatchError, load_into, load_model, load_official, read_state_dict, upcycle
+from ditmoe.convert import (CheckpointMismatchError, load_into, load_model, load_official, read_state_dict, save_model,
+                            upcycle)
 from conftest import FIXTURES
 from tolerances import TINY_DIT_CHAIN, TINY_DIT_K, assert_close_fp32, fp32_tol, rel_err
 
@@ -130,3 +131,18 @@ def test_package_dense_swiglu_model_upcycles():
     x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([5, 900]), torch.tensor([1, 10])
     with torch.no_grad():  # "debug" has the fixtures' shape: the tiny DiT's fp32 chain in two summation orders
         assert_close_fp32(moe(x, t, y), dense(x, t, y), TINY_DIT_K, TINY_DIT_CHAIN)
+
+
+def test_convert_keeps_flow_prediction_and_sampling_and_refuses_the_official_layout(tmp_path, capsys):
+    from ditmoe.convert import load_model_and_info
+
+    src = tmp_path / "data_pred.safetensors"
+    save_model(ditmoe.create_model("debug", flow_prediction="data", learn_sigma=False), src,
+               extra_meta={"process": "flow", "sampling": json.dumps({"sampler": "heun", "steps": 7, "cfg_scale": 3.0})})
+    assert main(["convert", str(src), str(tmp_path / "copy.safetensors")]) == 0
+    model, info = load_model_and_info(tmp_path / "copy.safetensors")
+    assert model.config.flow_prediction == "data"
+    assert info["sampling"] == {"sampler": "heun", "steps": 7, "cfg_scale": 3.0} and info["process"] == "flow"
+    assert main(["convert", str(src), str(tmp_path / "official.safetensors"), "--to", "official"]) != 0
+    assert "official code cannot run" in capsys.readouterr().err
+    assert not (tmp_path / "official.safetensors").exists()

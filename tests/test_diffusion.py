@@ -216,3 +216,40 @@ def test_flow_training_losses():
     a = flow.training_losses(lambda x, tt: x, x0, generator=torch.Generator().manual_seed(3))
     b = flow.training_losses(lambda x, tt: x, x0, generator=torch.Generator().manual_seed(3))
     assert torch.equal(a["loss"], b["loss"]) and math.isfinite(a["loss"].sum().item())
+
+
+@pytest.mark.parametrize("prediction", ["velocity", "data"])
+def test_flow_loss_of_each_prediction_in_closed_form(prediction):
+    """A network whose guess is off by a known delta has a known velocity MSE. Velocity networks:
+    mean(delta^2). Data networks (x0 + delta), whose velocity is (x_t - x0_hat) / max(t, T_MIN):
+    mean(delta^2) / t^2 from T_MIN up; below it the clamped division leaves (t / T_MIN - 1)(noise - x0)."""
+    from ditmoe.diffusion.flow import DATA_PREDICTION_T_MIN as T_MIN
+
+    g = torch.Generator().manual_seed(0)
+    x0, noise, delta = (torch.randn(4, 1, 3, 3, generator=g, dtype=torch.float64) for _ in range(3))
+    t = torch.tensor([0.01, T_MIN, 0.3, 0.9], dtype=torch.float64)
+    flow = RectifiedFlow(prediction=prediction)
+
+    def net(xt, tt):
+        return (noise - x0 + delta) if prediction == "velocity" else (x0 + delta)
+
+    loss = flow.training_losses(net, x0, t, noise)["loss"]
+    tb = t.view(-1, 1, 1, 1)
+    if prediction == "velocity":
+        err = delta
+    else:
+        err = (tb / tb.clamp(min=T_MIN) - 1) * (noise - x0) - delta / tb.clamp(min=T_MIN)
+    want = (err ** 2).mean(dim=(1, 2, 3))
+    assert torch.allclose(loss, want, rtol=1e-12, atol=0)
+    if prediction == "data":
+        assert torch.allclose(loss[1:], (delta ** 2).mean(dim=(1, 2, 3))[1:] / t[1:] ** 2, rtol=1e-12)
+
+
+def test_flow_prediction_is_refused_for_ddpm():
+    from ditmoe.config import ModelConfig, TrainConfig
+    from ditmoe.train.loop import build_process
+
+    with pytest.raises(ValueError, match="flow_prediction data is for flow models"):
+        build_process(TrainConfig(process="ddpm"), ModelConfig(flow_prediction="data"))
+    with pytest.raises(ValueError, match="flow_prediction"):
+        ModelConfig(flow_prediction="eps").validate()

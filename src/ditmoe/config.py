@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, get_args, get_type_hints
 
 EXPERT_TYPES = ("swiglu", "gelu")
+FLOW_PREDICTIONS = ("velocity", "data")
 ATTN_LAYOUTS = ("qkv", "fused_qknorm")
 MOE_PLACEMENTS = ("all", "every_other", "deep_half", "shallow_half", "none")
 
@@ -90,6 +91,10 @@ class ModelConfig:
     # range as DDPM.
     timestep_scale: float = option(1.0, "the model embeds t * timestep_scale (1 for DDPM and the released "
                                    "flow checkpoints, 1000 for flows trained here)")
+    # --- what the network predicts (flow models) ---
+    flow_prediction: str = option("velocity", "flow models: the network outputs the velocity noise - x0 (the "
+                                  "paper's), or data: the clean image x0, turned into the velocity (x_t - x0) / t",
+                                  choices=FLOW_PREDICTIONS)
 
     # ------------------------------------------------------------------ derived
     @property

@@ -78,7 +78,11 @@ def _convert(args: argparse.Namespace) -> int:
     # them are refused); other files get theirs from their metadata or the run folder they sit in.
     model, info = load_model_and_info(args.src, config=args.model, **overrides)
     process = info.get("process") or (None if Path(args.src).is_dir() else run_process_near(args.src))
-    meta = {"weights": info["weights"], **({"process": process} if process else {})}
+    meta = {"weights": info["weights"], **({"process": process} if process else {}),
+            **({"sampling": json.dumps(info["sampling"])} if info.get("sampling") else {})}
+    if args.to == "official" and model.config.flow_prediction != "velocity":
+        raise ValueError(f"{args.src} predicts {model.config.flow_prediction} (flow_prediction), which the official "
+                         "code cannot run: it reads every flow output as a velocity; keep it in this package's format")
     if args.to == "package":
         save_model(model, args.dst, extra_meta=meta)
     elif args.to == "folder":

@@ -84,7 +84,8 @@ def sample(model: Callable[..., torch.Tensor], process_kind: str = "ddpm", sampl
     with torch.no_grad(), reuse_weight_casts():
         if process_kind == "flow":
             run = euler_sample if sampler == "euler" else heun_sample
-            return run(fn, noise, steps, shift=shift, progress=progress, on_step=on_step)
+            prediction = getattr(cfg, "flow_prediction", "velocity")  # read from model.config, as learn_sigma
+            return run(fn, noise, steps, shift=shift, progress=progress, on_step=on_step, prediction=prediction)
         if diffusion is None:
             learn_sigma = bool(cfg.learn_sigma) if cfg is not None else True
             base = create_diffusion(None, learn_sigma=learn_sigma)

@@ -151,7 +151,10 @@ def build_process(cfg: TrainConfig, model_cfg: ModelConfig):
     if cfg.process == "flow":
         from ..diffusion.flow import RectifiedFlow
 
-        return RectifiedFlow(cfg.time_dist, cfg.time_mean, cfg.time_std)
+        return RectifiedFlow(cfg.time_dist, cfg.time_mean, cfg.time_std, prediction=model_cfg.flow_prediction)
+    if model_cfg.flow_prediction != "velocity":
+        raise ValueError(f"flow_prediction {model_cfg.flow_prediction} is for flow models; a ddpm model predicts the "
+                         "noise: drop --model-flow-prediction or train with --process flow")
     from ..diffusion.gaussian import create_diffusion
 
     return create_diffusion(None, noise_schedule=cfg.noise_schedule, diffusion_steps=cfg.diffusion_steps,
@@ -383,7 +386,8 @@ class Trainer:
         return state
 
     def _check_resume_model(self, state: dict[str, Any]) -> None:
-        saved_model = json.loads(state["model_config"])
+        # Read through ModelConfig: fields added since the checkpoint was written take their defaults.
+        saved_model = ModelConfig.from_json(state["model_config"]).to_dict()
         if saved_model != self.model_cfg.to_dict():
             raise ValueError(f"checkpoint {state['_path']} was trained with another model config "
                              f"({describe_config_difference(saved_model, self.model_cfg.to_dict())}); "
