@@ -16,6 +16,11 @@ from typing import Any, get_args, get_type_hints
 EXPERT_TYPES = ("swiglu", "gelu")
 ATTN_LAYOUTS = ("qkv", "fused_qknorm")
 MOE_PLACEMENTS = ("all", "every_other", "deep_half", "shallow_half", "none")
+# Routing rules (ditmoe.models.routers; docs/routing.md) and their score functions.
+ROUTERS = ("topk_softmax", "topk_bias", "expert_choice", "race")
+ROUTER_SCORES = ("auto", "softmax", "sigmoid")
+# Routers with state that moves after each optimizer step (ditmoe.models.routers.update_routers).
+STATEFUL_ROUTERS = ("topk_bias", "race")
 
 
 def option(default: Any, help: str, choices: tuple[str, ...] | None = None, many: bool = False) -> Any:
@@ -78,7 +83,21 @@ class ModelConfig:
                               choices=EXPERT_TYPES)
     dense_mlp_type: str = option("gelu", "MLP type of non-MoE blocks (DiT baselines use GELU-tanh)",
                                  choices=EXPERT_TYPES)
-    aux_alpha: float = option(0.01, "balance-loss weight (paper Eq. 5); 0 disables it")
+    aux_alpha: float | None = option(None, "balance-loss weight (paper Eq. 5); 0 disables it; None = the router's "
+                                     "default (0.01 for topk_softmax, 0 for the other routers)")
+    # --- routing (docs/routing.md) ---
+    router: str = option("topk_softmax", "routing rule: topk_softmax (DiT-MoE), topk_bias (aux-loss-free bias, "
+                         "DeepSeek-V3), expert_choice (per image, EC-DiT), race (global top-K, Expert Race)",
+                         choices=ROUTERS)
+    router_score: str = option("auto", "router scores: softmax or sigmoid over the logits; auto = softmax for "
+                               "topk_softmax and expert_choice, sigmoid for topk_bias and race", choices=ROUTER_SCORES)
+    capacity_factor: float = option(1.0, "expert_choice: each expert takes ceil(capacity_factor * tokens per image "
+                                    "* top_k / num_experts) tokens of every image (at most all of them)")
+    bias_update_rate: float = option(1e-3, "topk_bias: the bias moves by this times sign(mean load - load) after "
+                                     "each optimizer step")
+    route_scale: float = option(1.0, "topk_bias: gate weights (after the optional norm_topk) are multiplied by this")
+    threshold_decay: float = option(0.99, "race: EMA decay of the inference threshold towards the training "
+                                    "cut-off (updated once per optimizer step)")
     moe_placement: str = option("all", "which blocks carry a MoE layer (the paper's placement ablation)",
                                 choices=MOE_PLACEMENTS)
     # --- attention ---
@@ -117,6 +136,13 @@ class ModelConfig:
     @property
     def dense_hidden(self) -> int:
         return int(self.mlp_ratio * self.hidden_size)
+
+    @property
+    def balance_alpha(self) -> float:
+        """The balance-loss weight in force: aux_alpha, or the router's default where it is None."""
+        if self.aux_alpha is not None:
+            return self.aux_alpha
+        return 0.01 if self.router == "topk_softmax" else 0.0
 
     @property
     def is_moe(self) -> bool:
@@ -158,8 +184,19 @@ class ModelConfig:
                 f"top_k {self.top_k} must be between 1 and num_experts {self.num_experts}"
             )
         problems += check_choices(self)  # expert_type, dense_mlp_type, attn_layout, moe_placement
-        if self.aux_alpha < 0:
+        if self.aux_alpha is not None and self.aux_alpha < 0:
             problems.append(f"aux_alpha must be >= 0, got {self.aux_alpha}")
+        if not (self.capacity_factor > 0 and math.isfinite(self.capacity_factor)):
+            problems.append(f"capacity_factor must be a positive number, got {self.capacity_factor}")
+        if not (self.bias_update_rate >= 0 and math.isfinite(self.bias_update_rate)):
+            problems.append(f"bias_update_rate must be >= 0, got {self.bias_update_rate}")
+        if not (self.route_scale > 0 and math.isfinite(self.route_scale)):
+            problems.append(f"route_scale must be a positive number, got {self.route_scale}")
+        if not 0.0 <= self.threshold_decay < 1.0:
+            problems.append(f"threshold_decay must be in [0, 1), got {self.threshold_decay}")
+        if self.router == "topk_softmax" and self.router_score == "sigmoid":
+            problems.append("router topk_softmax scores by softmax; for sigmoid scores use --model-router topk_bias "
+                            "(or race)")
         if self.shared_hidden is not None and self.shared_hidden < 0:
             problems.append(f"shared_hidden must be >= 0 (0 = no shared expert), got {self.shared_hidden}")
         if not 0.0 <= self.class_dropout_prob < 1.0:
@@ -200,7 +237,8 @@ class ModelConfig:
         return dataclasses.replace(self, **overrides)
 
 
-__all__ = ["ModelConfig", "TrainConfig", "EXPERT_TYPES", "ATTN_LAYOUTS", "MOE_PLACEMENTS", "PROCESSES", "PRECISIONS",
+__all__ = ["ModelConfig", "TrainConfig", "EXPERT_TYPES", "ATTN_LAYOUTS", "MOE_PLACEMENTS", "ROUTERS", "ROUTER_SCORES", "STATEFUL_ROUTERS",
+           "PROCESSES", "PRECISIONS",
            "PARALLEL_MODES", "LOGGERS", "PROCESS_SAMPLERS", "SAMPLER_STEPS",
            "check_choices", "default_sampler", "default_steps", "check_field_types", "option"]
 

@@ -10,6 +10,7 @@ from ..config import ModelConfig
 from .layers import (Attention, LabelEmbedder, PatchEmbed, TimestepEmbedder, get_2d_sincos_pos_embed, make_mlp,
                      modulate)
 from .moe import MoE
+from .routers import build_router
 
 
 class DiTBlock(nn.Module):
@@ -22,8 +23,12 @@ class DiTBlock(nn.Module):
         self.attn = Attention(d, cfg.num_heads, cfg.attn_layout)
         self.norm2 = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
         if use_moe:
+            router = build_router(cfg.router, d, cfg.num_experts, cfg.top_k, norm_topk=cfg.norm_topk,
+                                  aux_alpha=cfg.balance_alpha, score=cfg.router_score,
+                                  capacity_factor=cfg.capacity_factor, bias_update_rate=cfg.bias_update_rate,
+                                  route_scale=cfg.route_scale, threshold_decay=cfg.threshold_decay)
             self.moe = MoE(d, cfg.num_experts, cfg.top_k, cfg.routed_hidden, cfg.shared_width,
-                           kind=cfg.expert_type, norm_topk=cfg.norm_topk, aux_alpha=cfg.aux_alpha)
+                           kind=cfg.expert_type, router=router)
         else:
             self.mlp = make_mlp(cfg.dense_mlp_type, d, cfg.dense_hidden)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d, bias=True))
