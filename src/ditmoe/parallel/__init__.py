@@ -12,7 +12,8 @@ Layouts, applied from outside by `wrap_model(model, mode, dist, ep_size)`:
 Modules: `data` (wrapping, gradient sync, EMA layout, clipping), `expert` (the expert-parallel
 layer, its all-to-all and state conversion), `state` (full state dicts under every layout),
 `launch` (run a function in N local processes, as torchrun would: tests, benchmarks),
-`balance` (the balance loss over all processes, attached to the routers from outside).
+`balance` (the balance loss over all processes, attached to the routers from outside, and the sum
+over processes the stateful routers' updates use).
 docs/scaling.md says which layout to use and how to launch it.
 Checkpoints always hold full single-process state dicts, so one saved under any layout loads
 under any other, single-process included.
@@ -20,7 +21,7 @@ under any other, single-process included.
 
 from __future__ import annotations
 
-from .balance import attach_global_balance, global_balance_loss
+from .balance import attach_global_balance, global_balance_loss, sum_over_processes
 from .data import MODES, clip_grad_norm_, no_sync_if, shard_ema, wrap_model
 from .expert import (ExpertParallelExperts, all_to_all, apply_expert_parallel, expert_parallel_groups,
                      gather_expert_optimizer_state, gather_expert_state, load_expert_parallel_state,
@@ -28,7 +29,7 @@ from .expert import (ExpertParallelExperts, all_to_all, apply_expert_parallel, e
 from .state import full_gradients, full_model_state, full_optimizer_state, load_full_model_state, load_full_optimizer_state
 
 __all__ = [
-    "MODES", "wrap_model", "attach_global_balance", "global_balance_loss", "no_sync_if", "shard_ema", "clip_grad_norm_",
+    "MODES", "wrap_model", "attach_global_balance", "global_balance_loss", "sum_over_processes", "no_sync_if", "shard_ema", "clip_grad_norm_",
     "full_gradients", "full_model_state", "full_optimizer_state", "load_full_model_state", "load_full_optimizer_state",
     "ExpertParallelExperts", "all_to_all", "apply_expert_parallel", "expert_parallel_groups",
     "gather_expert_state", "shard_expert_state", "load_expert_parallel_state",

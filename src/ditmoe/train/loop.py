@@ -21,7 +21,7 @@ from typing import Any, Iterator
 
 import torch
 
-from ..config import ModelConfig, TrainConfig
+from ..config import STATEFUL_ROUTERS, ModelConfig, TrainConfig
 from .. import kernels
 from ..devices import resolve_device
 from ..registry import create_model, get_config
@@ -233,6 +233,13 @@ class Trainer:
         self.micro_batch = micro
         self.accum = cfg.global_batch // (world * micro)
 
+        self.has_stateful_routers = self.model_cfg.is_moe and self.model_cfg.router in STATEFUL_ROUTERS
+        from ..parallel.deepspeed_engine import DEEPSPEED_MODES
+
+        if self.has_stateful_routers and cfg.parallel in DEEPSPEED_MODES:
+            raise ValueError(f"router {self.model_cfg.router} keeps state updated after each optimizer step, which "
+                             f"the DeepSpeed layouts ({cfg.parallel}) do not call yet; use --parallel ddp, fsdp, ep or "
+                             f"ep_fsdp, or another router")
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         # The reference model with the speed layers (before the EMA copy, which then has them too).
         self.model = kernels.apply(create_model(self.model_cfg).to(self.dist.device))
@@ -473,8 +480,24 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
+        self.update_routers()  # before the EMA: it copies the routers' new state
         self.ema.update(self.model, self.step)
         return grad_norm
+
+    def update_routers(self) -> None:
+        """Stateful routers (topk_bias's bias, race's threshold) move with the statistics of the whole
+        global batch: every micro-batch of this process (accumulated in their buffers during the
+        forwards) summed over the data-parallel processes."""
+        if not self.has_stateful_routers:
+            return
+        from ..models.routers import update_routers
+
+        reduce = None
+        if self.dist.world > 1:
+            from ..parallel import sum_over_processes
+
+            reduce = sum_over_processes()
+        update_routers(self.model, reduce)
 
     def _lr_at(self, step: int) -> float:
         if self.cfg.warmup_steps and step < self.cfg.warmup_steps:
@@ -563,6 +586,11 @@ class Trainer:
                         last["grad_norm"] = float(grad_norm)
                     loads = tracker.fractions_and_reset()
                     last["expert_load_cv"] = tracker.mean_cv(loads)
+                    if self.model_cfg.is_moe and self.model_cfg.router != "topk_softmax":
+                        from ..models.routers import router_statistics
+
+                        last["unrouted_fraction"] = tracker.unrouted_fraction_and_reset()
+                        last.update({f"router_{k}": v for k, v in router_statistics(self.model).items()})
                     logger.log(self.step, last, loads)
                     progress.set(last)
                     sums = {k: 0.0 for k in sums}
