@@ -1,0 +1,362 @@
+"""Routing rules (ditmoe.models.routers): float64 references, planted scores, capacity, batch
+independence at inference, the topk_bias balancing, state in checkpoints and resume, the CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import ditmoe
+from ditmoe.cli import main
+from ditmoe.config import ModelConfig
+from ditmoe.models.moe import MoE
+from ditmoe.models.routers import (BiasTopKRouter, ExpertChoiceRouter, RaceRouter, build_router, update_routers)
+from tolerances import EPS64, TINY_DIT_CHAIN, TINY_DIT_K, assert_close_fp32, rel_err
+
+ROUTED = ["topk_softmax", "topk_bias", "expert_choice", "race"]
+DIM, E, K, HIDDEN, SHARED = 8, 4, 2, 12, 16
+
+
+# --------------------------------------------------------------------------- the float64 reference
+def ref_scores(x: torch.Tensor, w: torch.Tensor, score: str) -> list[list[torch.Tensor]]:
+    """Per token, per expert: the score, one dot product and one softmax / sigmoid at a time."""
+    out = []
+    for t in range(x.shape[0]):
+        logits = [sum(x[t, d] * w[e, d] for d in range(x.shape[1])) for e in range(w.shape[0])]
+        if score == "softmax":
+            m = max(float(v.detach()) for v in logits)
+            ex = [torch.exp(v - m) for v in logits]
+            z = sum(ex)
+            out.append([v / z for v in ex])
+        else:
+            out.append([1 / (1 + torch.exp(-v)) for v in logits])
+    return out
+
+
+def ref_pairs(kind: str, s: list[list[torch.Tensor]], images: int, *, k: int, training: bool,
+              bias=None, norm_topk=False, route_scale=1.0, capacity_factor=1.0, threshold=None):
+    """(token, expert, weight) triples of each rule, written out with Python sorting."""
+    t_all, e = len(s), len(s[0])
+    pairs = []
+    if kind in ("topk_softmax", "topk_bias") or (kind == "race" and not training and threshold is None):
+        for t in range(t_all):
+            key = [float(s[t][j]) + (float(bias[j]) if kind == "topk_bias" else 0.0) for j in range(e)]
+            chosen = sorted(range(e), key=lambda j: -key[j])[:k]
+            ws = [s[t][j] for j in chosen]
+            if norm_topk and k > 1:
+                tot = sum(ws)
+                ws = [v / (tot + 1e-20) for v in ws]
+            pairs += [(t, j, v * route_scale) for j, v in zip(chosen, ws)]
+    elif kind == "expert_choice":
+        per = t_all // images
+        c = max(1, min(per, math.ceil(capacity_factor * per * k / e - 1e-9)))
+        for i in range(images):
+            for j in range(e):
+                toks = sorted(range(i * per, (i + 1) * per), key=lambda t: -float(s[t][j]))[:c]
+                pairs += [(t, j, s[t][j]) for t in toks]
+    elif kind == "race" and training:
+        allp = sorted(((t, j) for t in range(t_all) for j in range(e)), key=lambda p: -float(s[p[0]][p[1]]))
+        pairs = [(t, j, s[t][j]) for t, j in allp[:t_all * k]]
+    else:  # race at inference
+        pairs = [(t, j, s[t][j]) for t in range(t_all) for j in range(e) if float(s[t][j]) >= threshold]
+    return pairs
+
+
+def ref_swiglu(x, w_in, w_out, hidden):
+    h = x @ w_in
+    return (F.silu(h[:hidden]) * h[hidden:]) @ w_out
+
+
+def ref_moe(layer: MoE, x: torch.Tensor, pairs) -> torch.Tensor:
+    """y[t] = sum over t's pairs of w * expert_e(x_t) + shared(x_t), token by token in float64."""
+    n, t, d = x.shape
+    flat = x.reshape(n * t, d)
+    ex, sh = layer.experts, layer.shared_experts
+    rows = []
+    for tok in range(n * t):
+        y = flat.new_zeros(d)
+        for p_t, e, w in pairs:
+            if p_t == tok:
+                y = y + w * ref_swiglu(flat[tok], ex.w_in[e], ex.w_out[e], ex.hidden)
+        y = y + F.linear(F.silu(F.linear(flat[tok], sh.gate_proj.weight)) * F.linear(flat[tok], sh.up_proj.weight),
+                         sh.down_proj.weight)
+        rows.append(y)
+    return torch.stack(rows).view(n, t, d)
+
+
+def make_layer(kind: str, seed: int = 0, **knobs) -> MoE:
+    torch.manual_seed(seed)
+    router = build_router(kind, DIM, E, K, **knobs)
+    return MoE(DIM, E, K, HIDDEN, SHARED, router=router).double()
+
+
+def router_knobs(kind: str) -> dict:
+    return {"topk_bias": {"norm_topk": True, "route_scale": 2.5}, "expert_choice": {"capacity_factor": 1.5}}.get(kind, {})
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("kind", ROUTED)
+def test_rule_matches_float64_reference(kind, training):
+    """Selected pairs, gate weights, outputs and the gradients of inputs, router and experts."""
+    knobs = router_knobs(kind)
+    layer = make_layer(kind, **knobs)
+    gate = layer.gate
+    if kind == "topk_bias":
+        gate.bias.copy_(torch.tensor([0.05, -0.02, 0.01, -0.04]))
+    if kind == "race" and not training:
+        gate.threshold.fill_(0.5)
+        gate.threshold_updates.fill_(1)
+    layer.train(training)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 6, DIM, generator=g, dtype=torch.float64)
+    x_ref = x.clone().requires_grad_(True)
+    x = x.requires_grad_(True)
+    a = gate.route(x)
+    y = layer(x)
+    score = {"topk_softmax": "softmax", "expert_choice": "softmax"}.get(kind, "sigmoid")
+    s = ref_scores(x_ref.reshape(-1, DIM), gate.weight, score)
+    pairs = ref_pairs(kind, s, 3, k=K, training=training, bias=getattr(gate, "bias", None),
+                      norm_topk=knobs.get("norm_topk", False), route_scale=knobs.get("route_scale", 1.0),
+                      capacity_factor=knobs.get("capacity_factor", 1.0),
+                      threshold=0.5 if kind == "race" and not training else None)
+    got = sorted(zip(a.token.tolist(), a.expert.tolist(), a.weight.tolist()))
+    want = sorted((t, e, float(w)) for t, e, w in pairs)
+    assert [(t, e) for t, e, _ in got] == [(t, e) for t, e, _ in want]
+    tol = 64 * EPS64 * math.sqrt(HIDDEN)
+    assert np.allclose([w for *_, w in got], [w for *_, w in want], rtol=tol, atol=0)
+    y_ref = ref_moe(layer, x_ref, pairs)
+    assert rel_err(y, y_ref) <= tol
+    cot = torch.randn(y.shape, generator=g, dtype=torch.float64)
+    params = [gate.weight, layer.experts.w_in, layer.experts.w_out]
+    grads = torch.autograd.grad((y * cot).sum(), [x] + params)
+    grads_ref = torch.autograd.grad((y_ref * cot).sum(), [x_ref] + params, allow_unused=True)
+    for name, gg, gr in zip(["x", "router", "w_in", "w_out"], grads, grads_ref):
+        gr = torch.zeros_like(gg) if gr is None else gr
+        assert rel_err(gg, gr) <= tol or (gr.abs().max() == 0 and gg.abs().max() == 0), name
+
+
+# --------------------------------------------------------------------------- planted scores
+def planted(kind: str, logits_per_expert: torch.Tensor, **knobs):
+    """A router whose logits are set by hand: x = one-hot rows of `logits_per_expert` (T, E),
+    router weight the identity (D = E)."""
+    r = build_router(kind, E, E, K, **knobs)
+    with torch.no_grad():
+        r.weight.copy_(torch.eye(E))
+    return r, logits_per_expert.float()
+
+
+def test_planted_topk_bias_selects_by_bias_weights_by_score():
+    r, x = planted("topk_bias", torch.zeros(5, E))  # every score sigmoid(0) = 0.5
+    r.bias.copy_(torch.tensor([0.0, 0.3, 0.2, -0.5]))
+    a = r(x)
+    assert a.expert_ids.sort(1).values.tolist() == [[1, 2]] * 5
+    assert torch.equal(a.weights, torch.full((5, 2), 0.5))  # unbiased scores, not score + bias
+
+
+def test_planted_expert_choice_takes_each_experts_best_tokens_per_image():
+    # 2 images of 4 tokens; expert 0 prefers late tokens, expert 1 early ones, 2 and 3 never win.
+    ramp = torch.tensor([0.0, 1.0, 2.0, 3.0])
+    row = torch.stack([ramp, -ramp, torch.full((4,), -9.0), torch.full((4,), -9.0)], 1)
+    r, x = planted("expert_choice", torch.cat([row, row]), capacity_factor=1.0)
+    r.top_k = 1  # C = ceil(1 * 4 * 1 / 4) = 1 token per expert and image
+    a = r.route(x.view(2, 4, E))
+    got = sorted(zip(a.token.tolist(), a.expert.tolist()))
+    # per image: expert 0 -> token 3, expert 1 -> token 0, expert 2/3 -> the token least bad for them
+    assert (3, 0) in got and (0, 1) in got and (7, 0) in got and (4, 1) in got
+    assert len(got) == 2 * E * 1
+
+
+def test_planted_race_gives_a_hard_token_many_experts_and_easy_ones_none():
+    x = torch.full((4, E), -5.0)
+    x[0] = 5.0  # token 0 scores high on every expert
+    r, x = planted("race", x)
+    r.train()
+    a = r(x)  # K = 4 tokens * 2 = 8 pairs: token 0's 4, then 4 of the -5 ties
+    assert sorted(e for t, e in zip(a.token.tolist(), a.expert.tolist()) if t == 0) == [0, 1, 2, 3]
+    assert a.token.numel() == 8
+
+
+@pytest.mark.parametrize("cf,per,k,want", [(1.0, 16, 2, 8), (1.3, 16, 2, 11), (0.1, 16, 1, 1), (10.0, 16, 2, 16)])
+def test_expert_choice_capacity_is_exact(cf, per, k, want):
+    r = ExpertChoiceRouter(DIM, E, k, capacity_factor=cf)
+    assert r.capacity(per) == want  # ceil(cf * S * k / E), within [1, S]
+    x = torch.randn(3, per, DIM)
+    a = r.route(x)
+    image = a.token // per
+    for i in range(3):
+        for e in range(E):
+            assert int(((image == i) & (a.expert == e)).sum()) == want
+
+
+# --------------------------------------------------------------------------- inference: no batch dependence
+@pytest.mark.parametrize("kind", ROUTED)
+def test_inference_image_alone_equals_image_in_batch(kind):
+    torch.manual_seed(0)
+    model = ditmoe.create_model("debug", router=kind, class_dropout_prob=0.0)
+    x, t, y = torch.randn(5, 4, 8, 8), torch.rand(5) * 999, torch.tensor([0, 3, 5, 9, 2])
+    model.train()
+    model(x, t, y)  # one training forward so race has a cut-off, topk_bias a load
+    update_routers(model)
+    with torch.no_grad():  # a model that does something: non-zero adaLN and output layers
+        for p in model.parameters():
+            if p.abs().max() == 0:
+                p.normal_(0, 0.05)
+    model.eval()
+    with torch.no_grad():
+        full = model(x, t, y)
+        for i in range(5):
+            alone = model(x[i:i + 1], t[i:i + 1], y[i:i + 1])
+            assert_close_fp32(alone[0], full[i], TINY_DIT_K, TINY_DIT_CHAIN, f"{kind} image {i}")
+
+
+# --------------------------------------------------------------------------- topk_bias balancing
+def test_topk_bias_evens_out_a_planted_skewed_load_within_15_steps():
+    """Scores favour expert 0 > 1 > 2 > 3 by 0.4 in the logits (top-2 alone leaves expert 3 almost
+    idle); with u = 0.01 the bias needs about 0.4 * 0.25 / 0.01 = 10 steps to offset the gaps. From
+    step 15 on every step's largest load is within 40% of the mean (512 pairs a step: sampling noise
+    alone is about 10%), and the load summed over steps 15 to 60 within 10% of the mean."""
+    torch.manual_seed(0)
+    r = BiasTopKRouter(E + 1, E, K, norm_topk=False, update_rate=0.01)
+    with torch.no_grad():
+        r.weight.zero_()
+        r.weight[:, :E] = torch.eye(E) * 0.3  # per-token variation
+        r.weight[:, E] = torch.tensor([1.2, 0.8, 0.4, 0.0])  # the planted skew, on a constant feature
+    r.train()
+    g = torch.Generator().manual_seed(3)
+
+    def load():
+        x = torch.cat([torch.randn(256, E, generator=g), torch.ones(256, 1)], 1)
+        return torch.bincount(r(x).expert, minlength=E).double()
+
+    first = load()
+    assert first[0] >= 1.9 * first.mean() and first[3] <= 0.1 * first.mean()  # skewed before any update
+    r.pending.zero_()
+    total = torch.zeros(E, dtype=torch.float64)
+    for step in range(60):
+        now = load()
+        update_routers(r)
+        if step >= 15:
+            assert float(now.max() / now.mean()) <= 1.4, (step, now)
+            total += now
+    assert float(total.max() / total.mean()) <= 1.1 and float(total.min() / total.mean()) >= 0.9, total
+    assert abs(float(r.bias.sum())) < 1e-5  # centred
+
+
+def test_topk_bias_counts_every_micro_batch_and_the_sum_over_processes():
+    r = BiasTopKRouter(DIM, E, K, norm_topk=False, update_rate=0.1)
+    r.train()
+    for _ in range(3):
+        r(torch.randn(10, DIM))
+    assert float(r.pending.sum()) == 3 * 10 * K
+    seen = {}
+
+    def reduce(t):  # as two processes, the other with all its load on expert 3
+        seen["in"] = t.clone()
+        return t + torch.tensor([0.0, 0.0, 0.0, 1000.0], dtype=t.dtype)
+
+    update_routers(r, reduce)
+    assert float(seen["in"].sum()) == 60 and float(r.pending.sum()) == 0
+    assert int(r.bias.argmin()) == 3  # the global overload lowers expert 3's bias
+    r.eval()
+    r(torch.randn(10, DIM))
+    assert float(r.pending.sum()) == 0  # inference counts nothing
+
+
+# --------------------------------------------------------------------------- config and errors
+def test_config_defaults_and_old_configs():
+    cfg = ModelConfig.from_dict({k: v for k, v in ditmoe.get_config("debug").to_dict().items()
+                                 if k not in ("router", "capacity_factor", "router_score")})
+    assert cfg.router == "topk_softmax" and cfg.balance_alpha == 0.01
+    assert ditmoe.get_config("debug", router="topk_bias").balance_alpha == 0.0
+    assert ditmoe.get_config("debug", router="race", aux_alpha=0.02).balance_alpha == 0.02
+    m = ditmoe.create_model("debug", router="expert_choice")
+    assert isinstance(m.blocks[0].moe.gate, ExpertChoiceRouter)
+
+
+@pytest.mark.parametrize("override,message", [
+    ({"capacity_factor": 0.0}, "capacity_factor"),
+    ({"capacity_factor": -1.0}, "capacity_factor"),
+    ({"top_k": 5}, "top_k 5 must be between 1 and num_experts 4"),
+    ({"router": "token_pool"}, "router 'token_pool' is not"),
+    ({"router_score": "sigmoid"}, "topk_softmax scores by softmax"),
+    ({"threshold_decay": 1.0}, "threshold_decay"),
+    ({"bias_update_rate": -0.1}, "bias_update_rate"),
+])
+def test_bad_router_settings_are_clear_errors(override, message):
+    with pytest.raises(ValueError, match=message):
+        ditmoe.get_config("debug", **override)
+
+
+def test_router_flag_lists_its_choices(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    out = capsys.readouterr().out
+    assert "--model-router" in out and "expert_choice" in out and "--model-capacity-factor" in out
+
+
+# --------------------------------------------------------------------------- state, resume, CLI
+def test_state_buffers_survive_save_and_load(tmp_path):
+    for kind, names in (("topk_bias", ["bias"]), ("race", ["threshold", "threshold_updates"])):
+        m = ditmoe.create_model("debug", router=kind)
+        gate = m.blocks[1].moe.gate
+        for n in names:
+            getattr(gate, n).fill_(3)
+        assert "pending" not in " ".join(m.state_dict())  # accumulators stay out of checkpoints
+        assert all(n not in dict(m.named_parameters()) for n in names)  # never seen by the optimizer
+        torch.save(m.state_dict(), tmp_path / f"{kind}.pt")
+        m2 = ditmoe.create_model("debug", router=kind)
+        m2.load_state_dict(torch.load(tmp_path / f"{kind}.pt", weights_only=True))
+        for n in names:
+            assert torch.equal(getattr(m2.blocks[1].moe.gate, n), getattr(gate, n))
+    # A checkpoint of another router lacks the state: loading says which keys.
+    with pytest.raises(RuntimeError, match="threshold"):
+        ditmoe.create_model("debug", router="race").load_state_dict(ditmoe.create_model("debug").state_dict())
+
+
+@pytest.mark.parametrize("kind", ["topk_bias", "race"])
+def test_resume_is_exact_with_router_state(tmp_path, kind):
+    from test_train import tiny_trainer
+
+    over = {"router": kind, "bias_update_rate": 0.01}
+    straight = tiny_trainer(tmp_path / "a", overrides=over, micro_batch=8)  # 2 micro-batches per step
+    straight.run()
+    first = tiny_trainer(tmp_path / "b", overrides=over, micro_batch=8, steps=2)
+    first.run()
+    resumed = tiny_trainer(tmp_path / "b", overrides=over, micro_batch=8, steps=4, resume="auto")
+    resumed.run()
+    for (k, a), (_, b) in zip(straight.model.state_dict().items(), resumed.model.state_dict().items()):
+        assert torch.equal(a, b), k
+    for (k, a), (_, b) in zip(straight.ema.state_dict().items(), resumed.ema.state_dict().items()):
+        assert torch.equal(a, b), k
+    gate, ema_gate = straight.model.blocks[0].moe.gate, straight.ema.model.blocks[0].moe.gate
+    if kind == "topk_bias":
+        assert float(gate.bias.abs().max()) > 0  # it moved
+        assert torch.equal(ema_gate.bias, gate.bias)  # copied into the EMA model, not averaged
+    else:
+        assert int(gate.threshold_updates) == 4 and 0 < float(gate.threshold) < 1
+        assert torch.equal(ema_gate.threshold, gate.threshold)
+
+
+@pytest.mark.parametrize("kind", ["topk_bias", "expert_choice", "race"])
+def test_cli_train_sample_analyze_per_router(tmp_path, kind):
+    out = tmp_path / "run"
+    assert main(["train", "--model", "debug", "--model-input-size", "8", "--data", "digits", "--steps", "2",
+                 "--global-batch", "8", "--log-every", "1", "--out", str(out), "--progress", "false",
+                 "--logger", "csv", "--model-router", kind]) == 0
+    header = (out / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert "unrouted_fraction" in header
+    assert json.loads((out / "config.json").read_text())["model"]["router"] == kind
+    assert main(["sample", "--ckpt", str(out / "model_ema.safetensors"), "--out", str(tmp_path / "s"),
+                 "--classes", "1,2", "--per-class", "1", "--steps", "2", "--no-progress"]) == 0
+    assert main(["analyze", "--ckpt", str(out / "model_ema.safetensors"), "--out", str(tmp_path / "a"),
+                 "--per-class", "1", "--steps", "2", "--cfg-scale", "2.0", "--no-progress"]) == 0
+    stats = json.loads((tmp_path / "a" / "stats.json").read_text())
+    counts = np.load(tmp_path / "a" / "routing_counts.npz")
+    assert counts["tokens"].tolist() == [[10 * 16 * 2] * 2] * 2
+    for lay in stats["layers"]:
+        assert lay["pairs_per_token"] > 0 and lay["unrouted_fraction"] is not None
