@@ -360,3 +360,41 @@ def test_cli_train_sample_analyze_per_router(tmp_path, kind):
     assert counts["tokens"].tolist() == [[10 * 16 * 2] * 2] * 2
     for lay in stats["layers"]:
         assert lay["pairs_per_token"] > 0 and lay["unrouted_fraction"] is not None
+
+
+# --------------------------------------------------------------------------- speed layers, accounting
+@pytest.mark.parametrize("kind", ROUTED)
+def test_speed_layers_give_the_reference_result(kind):
+    """kernels.apply keeps every router: top-k assignments take the fast slot-major plan, the
+    variable-pair ones (expert_choice, race in training) the reference dispatch."""
+    import copy
+
+    from ditmoe import kernels
+
+    torch.manual_seed(0)
+    ref = MoE(DIM, E, K, HIDDEN, SHARED, router=build_router(kind, DIM, E, K)).train()
+    fast = kernels.apply(copy.deepcopy(ref))
+    x = torch.randn(3, 8, DIM)
+    outs, grads = [], []
+    for layer in (ref, fast):
+        xi = x.clone().requires_grad_(True)
+        y = layer(xi)
+        y.square().sum().backward()
+        outs.append(y.detach())
+        grads.append([xi.grad, layer.gate.weight.grad, layer.experts.w_in.grad])
+    assert_close_fp32(outs[1], outs[0], 2 * HIDDEN, 4, f"{kind} out")
+    for a, b in zip(grads[1], grads[0]):
+        assert_close_fp32(a, b, 2 * HIDDEN, 8, f"{kind} grad")
+
+
+def test_activated_compute_follows_the_router():
+    from ditmoe.accounting import experts_per_token, model_stats
+
+    base = ditmoe.get_config("DiT-MoE-S/2-8E2A")
+    ec = base.replace(router="expert_choice", capacity_factor=1.5)
+    k, note = experts_per_token(ec, 256)
+    assert k == 96 * 8 / 256 == 3.0  # C = ceil(1.5 * 256 * 2 / 8) = 96 tokens per expert
+    assert "96 tokens per expert" in note
+    s0, s1 = model_stats(base), model_stats(ec)
+    assert s1.activated_params > s0.activated_params and s1.gmacs > s0.gmacs and s1.experts_per_token == 3.0
+    assert "threshold" in experts_per_token(base.replace(router="race"), 256)[1]
