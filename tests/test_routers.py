@@ -18,7 +18,7 @@ from ditmoe.models.moe import MoE
 from ditmoe.models.routers import (BiasTopKRouter, ExpertChoiceRouter, RaceRouter, build_router, update_routers)
 from tolerances import EPS64, TINY_DIT_CHAIN, TINY_DIT_K, assert_close_fp32, rel_err
 
-ROUTED = ["topk_softmax", "topk_bias", "expert_choice", "race"]
+ROUTED = ["topk_softmax", "topk_bias", "expert_choice", "race", "token_pool"]
 DIM, E, K, HIDDEN, SHARED = 8, 4, 2, 12, 16
 
 
@@ -38,11 +38,28 @@ def ref_scores(x: torch.Tensor, w: torch.Tensor, score: str) -> list[list[torch.
     return out
 
 
+def ref_predictor(x: torch.Tensor, predictor) -> list[list[torch.Tensor]]:
+    """sigmoid(W2 silu(W1 x + b1) + b2), token by token."""
+    w1, b1, w2, b2 = predictor[0].weight, predictor[0].bias, predictor[2].weight, predictor[2].bias
+    out = []
+    for t in range(x.shape[0]):
+        h = w1 @ x[t].detach() + b1
+        h = h * torch.sigmoid(h)
+        out.append([1 / (1 + torch.exp(-v)) for v in (w2 @ h + b2)])
+    return out
+
+
 def ref_pairs(kind: str, s: list[list[torch.Tensor]], images: int, *, k: int, training: bool,
-              bias=None, norm_topk=False, route_scale=1.0, capacity_factor=1.0, threshold=None):
+              bias=None, norm_topk=False, route_scale=1.0, capacity_factor=1.0, threshold=None, predicted=None):
     """(token, expert, weight) triples of each rule, written out with Python sorting."""
     t_all, e = len(s), len(s[0])
     pairs = []
+    if kind == "token_pool" and training:  # expert choice over one pool of all tokens
+        return ref_pairs("expert_choice", s, 1, k=k, training=True, capacity_factor=capacity_factor)
+    if kind == "token_pool" and threshold is not None:
+        return [(t, j, s[t][j]) for t in range(t_all) for j in range(e) if float(predicted[t][j]) >= float(threshold[j])]
+    if kind == "token_pool":  # inference before any threshold update: top-k per token
+        kind, training = "race", False
     if kind in ("topk_softmax", "topk_bias") or (kind == "race" and not training and threshold is None):
         for t in range(t_all):
             key = [float(s[t][j]) + (float(bias[j]) if kind == "topk_bias" else 0.0) for j in range(e)]
@@ -96,7 +113,8 @@ def make_layer(kind: str, seed: int = 0, **knobs) -> MoE:
 
 
 def router_knobs(kind: str) -> dict:
-    return {"topk_bias": {"norm_topk": True, "route_scale": 2.5}, "expert_choice": {"capacity_factor": 1.5}}.get(kind, {})
+    return {"topk_bias": {"norm_topk": True, "route_scale": 2.5}, "expert_choice": {"capacity_factor": 1.5},
+            "token_pool": {"capacity_factor": 0.7}}.get(kind, {})
 
 
 @pytest.mark.parametrize("training", [True, False])
@@ -111,6 +129,9 @@ def test_rule_matches_float64_reference(kind, training):
     if kind == "race" and not training:
         gate.threshold.fill_(0.5)
         gate.threshold_updates.fill_(1)
+    if kind == "token_pool" and not training:
+        gate.thresholds.copy_(torch.tensor([0.3, 0.5, 0.45, 0.6]))
+        gate.threshold_updates.fill_(1)
     layer.train(training)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(3, 6, DIM, generator=g, dtype=torch.float64)
@@ -118,12 +139,14 @@ def test_rule_matches_float64_reference(kind, training):
     x = x.requires_grad_(True)
     a = gate.route(x)
     y = layer(x)
-    score = {"topk_softmax": "softmax", "expert_choice": "softmax"}.get(kind, "sigmoid")
+    score = {"topk_softmax": "softmax", "expert_choice": "softmax", "token_pool": "softmax"}.get(kind, "sigmoid")
     s = ref_scores(x_ref.reshape(-1, DIM), gate.weight, score)
     pairs = ref_pairs(kind, s, 3, k=K, training=training, bias=getattr(gate, "bias", None),
                       norm_topk=knobs.get("norm_topk", False), route_scale=knobs.get("route_scale", 1.0),
                       capacity_factor=knobs.get("capacity_factor", 1.0),
-                      threshold=0.5 if kind == "race" and not training else None)
+                      threshold={"race": 0.5, "token_pool": gate.thresholds if kind == "token_pool" else None}.get(kind)
+                      if not training else None,
+                      predicted=ref_predictor(x_ref.reshape(-1, DIM), gate.predictor) if kind == "token_pool" else None)
     got = sorted(zip(a.token.tolist(), a.expert.tolist(), a.weight.tolist()))
     want = sorted((t, e, float(w)) for t, e, w in pairs)
     assert [(t, e) for t, e, _ in got] == [(t, e) for t, e, _ in want]
@@ -138,6 +161,14 @@ def test_rule_matches_float64_reference(kind, training):
     for name, gg, gr in zip(["x", "router", "w_in", "w_out"], grads, grads_ref):
         gr = torch.zeros_like(gg) if gr is None else gr
         assert rel_err(gg, gr) <= tol or (gr.abs().max() == 0 and gg.abs().max() == 0), name
+    if kind == "token_pool" and training:  # the predictor's BCE against the selection mask
+        chosen = {(t, e) for t, e, _ in want}
+        prob = ref_predictor(x_ref.reshape(-1, DIM), gate.predictor)
+        bce = -sum(torch.log(prob[t][e]) if (t, e) in chosen else torch.log(1 - prob[t][e])
+                   for t in range(len(prob)) for e in range(E)) / (len(prob) * E)
+        assert rel_err(a.extra_loss, bce) <= tol and rel_err(gate.balance_loss(a), bce) <= tol
+        assert a.extra_loss.grad_fn is not None and torch.autograd.grad(
+            a.extra_loss, gate.weight, allow_unused=True)[0] is None  # the loss reaches the predictor only
 
 
 # --------------------------------------------------------------------------- planted scores
@@ -191,6 +222,43 @@ def test_expert_choice_capacity_is_exact(cf, per, k, want):
     for i in range(3):
         for e in range(E):
             assert int(((image == i) & (a.expert == e)).sum()) == want
+
+
+@pytest.mark.parametrize("cf,pool,want", [(1.0, 48, 24), (0.7, 48, 17), (100.0, 48, 48)])
+def test_token_pool_capacity_is_exact_over_the_pool(cf, pool, want):
+    from ditmoe.models.routers import TokenPoolRouter
+
+    r = TokenPoolRouter(DIM, E, K, capacity_factor=cf).train()
+    assert r.capacity(pool) == want  # ceil(cf * pool * k / E), within [1, pool]
+    a = r.route(torch.randn(3, pool // 3, DIM))  # the pool is all 3 images' tokens
+    assert torch.bincount(a.expert, minlength=E).tolist() == [want] * E
+
+
+def test_token_pool_predictor_learns_a_planted_selection_mask():
+    """Router weights set by hand (expert e scores 3 * x_e); the predictor, trained by its BCE
+    alone on fresh pools, then predicts the selection of held-out tokens with >= 90% accuracy
+    (chance, predicting "never selected", is 50%: each expert takes half the pool)."""
+    from ditmoe.models.routers import TokenPoolRouter
+
+    torch.manual_seed(0)
+    dim = 16
+    r = TokenPoolRouter(dim, E, K, capacity_factor=1.0).train()
+    with torch.no_grad():
+        r.weight.zero_()
+        r.weight[:, :E] = 3 * torch.eye(E)
+    opt = torch.optim.Adam(r.predictor.parameters(), lr=1e-2)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(300):
+        a = r(torch.randn(256, dim, generator=g))
+        opt.zero_grad()
+        a.extra_loss.backward()
+        opt.step()
+    x = torch.randn(1024, dim, generator=g)
+    a = r(x)
+    mask = torch.zeros(1024, E, dtype=torch.bool)
+    mask[a.token, a.expert] = True
+    acc = float(((r.predict(x) > 0) == mask).float().mean())
+    assert acc >= 0.9, acc
 
 
 # --------------------------------------------------------------------------- inference: no batch dependence
@@ -282,7 +350,7 @@ def test_config_defaults_and_old_configs():
     ({"capacity_factor": 0.0}, "capacity_factor"),
     ({"capacity_factor": -1.0}, "capacity_factor"),
     ({"top_k": 5}, "top_k 5 must be between 1 and num_experts 4"),
-    ({"router": "token_pool"}, "router 'token_pool' is not"),
+    ({"router": "top2"}, "router 'top2' is not"),
     ({"router_score": "sigmoid"}, "topk_softmax scores by softmax"),
     ({"threshold_decay": 1.0}, "threshold_decay"),
     ({"bias_update_rate": -0.1}, "bias_update_rate"),
@@ -301,7 +369,8 @@ def test_router_flag_lists_its_choices(capsys):
 
 # --------------------------------------------------------------------------- state, resume, CLI
 def test_state_buffers_survive_save_and_load(tmp_path):
-    for kind, names in (("topk_bias", ["bias"]), ("race", ["threshold", "threshold_updates"])):
+    for kind, names in (("topk_bias", ["bias"]), ("race", ["threshold", "threshold_updates"]),
+                        ("token_pool", ["thresholds", "threshold_updates"])):
         m = ditmoe.create_model("debug", router=kind)
         gate = m.blocks[1].moe.gate
         for n in names:
@@ -318,7 +387,7 @@ def test_state_buffers_survive_save_and_load(tmp_path):
         ditmoe.create_model("debug", router="race").load_state_dict(ditmoe.create_model("debug").state_dict())
 
 
-@pytest.mark.parametrize("kind", ["topk_bias", "race"])
+@pytest.mark.parametrize("kind", ["topk_bias", "race", "token_pool"])
 def test_resume_is_exact_with_router_state(tmp_path, kind):
     from test_train import tiny_trainer
 
@@ -337,12 +406,15 @@ def test_resume_is_exact_with_router_state(tmp_path, kind):
     if kind == "topk_bias":
         assert float(gate.bias.abs().max()) > 0  # it moved
         assert torch.equal(ema_gate.bias, gate.bias)  # copied into the EMA model, not averaged
-    else:
+    elif kind == "race":
         assert int(gate.threshold_updates) == 4 and 0 < float(gate.threshold) < 1
         assert torch.equal(ema_gate.threshold, gate.threshold)
+    else:
+        assert int(gate.threshold_updates) == 4 and 0 < float(gate.thresholds.min()) < 1
+        assert torch.equal(ema_gate.thresholds, gate.thresholds)
 
 
-@pytest.mark.parametrize("kind", ["topk_bias", "expert_choice", "race"])
+@pytest.mark.parametrize("kind", ["topk_bias", "expert_choice", "race", "token_pool"])
 def test_cli_train_sample_analyze_per_router(tmp_path, kind):
     out = tmp_path / "run"
     assert main(["train", "--model", "debug", "--model-input-size", "8", "--data", "digits", "--steps", "2",

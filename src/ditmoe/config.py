@@ -17,10 +17,10 @@ EXPERT_TYPES = ("swiglu", "gelu")
 ATTN_LAYOUTS = ("qkv", "fused_qknorm")
 MOE_PLACEMENTS = ("all", "every_other", "deep_half", "shallow_half", "none")
 # Routing rules (ditmoe.models.routers; docs/routing.md) and their score functions.
-ROUTERS = ("topk_softmax", "topk_bias", "expert_choice", "race")
+ROUTERS = ("topk_softmax", "topk_bias", "expert_choice", "race", "token_pool")
 ROUTER_SCORES = ("auto", "softmax", "sigmoid")
 # Routers with state that moves after each optimizer step (ditmoe.models.routers.update_routers).
-STATEFUL_ROUTERS = ("topk_bias", "race")
+STATEFUL_ROUTERS = ("topk_bias", "race", "token_pool")
 
 
 def option(default: Any, help: str, choices: tuple[str, ...] | None = None, many: bool = False) -> Any:
@@ -87,17 +87,20 @@ class ModelConfig:
                                      "default (0.01 for topk_softmax, 0 for the other routers)")
     # --- routing (docs/routing.md) ---
     router: str = option("topk_softmax", "routing rule: topk_softmax (DiT-MoE), topk_bias (aux-loss-free bias, "
-                         "DeepSeek-V3), expert_choice (per image, EC-DiT), race (global top-K, Expert Race)",
+                         "DeepSeek-V3), expert_choice (per image, EC-DiT), race (global top-K, Expert Race), token_pool (batch "
+                         "pool with a capacity predictor, DiffMoE)",
                          choices=ROUTERS)
     router_score: str = option("auto", "router scores: softmax or sigmoid over the logits; auto = softmax for "
-                               "topk_softmax and expert_choice, sigmoid for topk_bias and race", choices=ROUTER_SCORES)
+                               "topk_softmax, expert_choice and token_pool, sigmoid for topk_bias and race",
+                               choices=ROUTER_SCORES)
     capacity_factor: float = option(1.0, "expert_choice: each expert takes ceil(capacity_factor * tokens per image "
-                                    "* top_k / num_experts) tokens of every image (at most all of them)")
+                                    "* top_k / num_experts) tokens of every image (at most all of them); token_pool: "
+                                    "the same over all tokens of the batch, in training")
     bias_update_rate: float = option(1e-3, "topk_bias: the bias moves by this times sign(mean load - load) after "
                                      "each optimizer step")
     route_scale: float = option(1.0, "topk_bias: gate weights (after the optional norm_topk) are multiplied by this")
-    threshold_decay: float = option(0.99, "race: EMA decay of the inference threshold towards the training "
-                                    "cut-off (updated once per optimizer step)")
+    threshold_decay: float = option(0.99, "race, token_pool: EMA decay of the inference threshold(s) towards the "
+                                    "training cut-off (updated once per optimizer step)")
     moe_placement: str = option("all", "which blocks carry a MoE layer (the paper's placement ablation)",
                                 choices=MOE_PLACEMENTS)
     # --- attention ---

@@ -10,6 +10,8 @@ formulas, sources and knobs of each:
   tokens; the same at inference.
 - `race` (`RaceRouter`): Expert Race; one top-K over all (token, expert) scores of the batch in
   training, a threshold learned from the training cut-off at inference.
+- `token_pool` (`TokenPoolRouter`): DiffMoE; expert choice over the batch's token pool in
+  training, a capacity predictor with per-expert thresholds at inference.
 
 Stateful rules keep their state in buffers (in checkpoints, never seen by the optimizer) and
 accumulate the statistics of every training forward in non-persistent buffers; after each
@@ -31,9 +33,10 @@ from ..config import ROUTER_SCORES as SCORE_FUNCS
 from ..config import ROUTERS
 
 # The score function "auto" stands for, per router.
-DEFAULT_SCORE = {"topk_softmax": "softmax", "topk_bias": "sigmoid", "expert_choice": "softmax", "race": "sigmoid"}
+DEFAULT_SCORE = {"topk_softmax": "softmax", "topk_bias": "sigmoid", "expert_choice": "softmax", "race": "sigmoid",
+                 "token_pool": "softmax"}
 # The balance-loss weight aux_alpha=None stands for, per router.
-DEFAULT_AUX_ALPHA = {"topk_softmax": 0.01, "topk_bias": 0.0, "expert_choice": 0.0, "race": 0.0}
+DEFAULT_AUX_ALPHA = {"topk_softmax": 0.01, "topk_bias": 0.0, "expert_choice": 0.0, "race": 0.0, "token_pool": 0.0}
 
 Reduce = Callable[[torch.Tensor], torch.Tensor]  # sums a tensor over the data-parallel processes
 
@@ -52,6 +55,7 @@ class Assignment(NamedTuple):
     weight: torch.Tensor  # (P,) the pair's gate weight (fp32)
     probs: torch.Tensor  # (T, E) the router's probabilities (fp32), for the balance loss
     k: int = 0  # > 0: top-k, slot-major
+    extra_loss: torch.Tensor | None = None  # a rule's own training loss (token_pool's predictor), added to the aux loss
 
     @classmethod
     def top_k(cls, expert_ids: torch.Tensor, weights: torch.Tensor, probs: torch.Tensor) -> "Assignment":
@@ -329,6 +333,92 @@ class RaceRouter(Router):
         return {"threshold": float(self.threshold)}
 
 
+class TokenPoolRouter(Router):
+    """Expert choice over the batch-level token pool with a capacity predictor (DiffMoE, arXiv 2503.14487).
+
+    s = softmax (or sigmoid) of the logits (T, E). Training: the pool is every token of the batch
+    the layer sees (one micro-batch of one process); expert e takes the C tokens of the pool with
+    the largest s[:, e], C = min(T, ceil(capacity_factor * T * k / E)), each pair weighted by its
+    score. A capacity predictor Linear(D, D) -> SiLU -> Linear(D, E) on the detached tokens learns
+    the 0/1 selection mask with binary cross-entropy (`Assignment.extra_loss`, added to the aux
+    loss; it reaches only the predictor). Per expert, the C-th largest sigmoid(predictor) of each
+    training forward is the cut-off; `update_after_step` moves `thresholds` (E,) (persistent) to
+    d * thresholds + (1 - d) * mean cut-off (over forwards and processes; the first update sets
+    them). Inference: expert e takes every token with sigmoid(predictor_e) >= thresholds[e],
+    weighted by its score: compute varies per token and per time step, and no image depends on
+    another. Before any update inference falls back to top-k per token.
+    """
+
+    def __init__(self, dim: int, num_experts: int, top_k: int, capacity_factor: float = 1.0,
+                 score: str = "softmax", threshold_decay: float = 0.99, aux_alpha: float = 0.0):
+        super().__init__()
+        self.num_experts, self.top_k, self.capacity_factor = num_experts, top_k, capacity_factor
+        self.score, self.threshold_decay, self.aux_alpha = score, threshold_decay, aux_alpha
+        self.weight = nn.Parameter(torch.empty(num_experts, dim))
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        self.predictor = nn.Sequential(nn.Linear(dim, dim), nn.SiLU(), nn.Linear(dim, num_experts))
+        self.loss_fn: BalanceLoss = balance_loss
+        self.register_buffer("thresholds", torch.zeros(num_experts, dtype=torch.float32))
+        self.register_buffer("threshold_updates", torch.zeros((), dtype=torch.long))
+        # [cut-off sums (E), forwards, predictor agreements, predictions] since the last optimizer step.
+        self.register_buffer("pending", torch.zeros(num_experts + 3, dtype=torch.float64), persistent=False)
+        self._accuracy = float("nan")
+
+    def capacity(self, pool: int) -> int:
+        c = math.ceil(self.capacity_factor * pool * self.top_k / self.num_experts - 1e-9)
+        return max(1, min(pool, c))
+
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        """(T, E) logits of the capacity predictor, on the detached tokens, in its weights' dtype."""
+        with torch.autocast(x.device.type, enabled=False):
+            return self.predictor(x.detach().to(self.predictor[0].weight.dtype))
+
+    def forward(self, x: torch.Tensor, cond: Any = None) -> Assignment:
+        t, e = x.shape[0], self.num_experts
+        s = scores_of(router_logits(x, self.weight), self.score)  # (T, E)
+        pred = self.predict(x)
+        if self.training:
+            c = self.capacity(t)
+            w, idx = torch.topk(s.t(), k=c, dim=-1, sorted=False)  # (E, C) each expert's tokens
+            token, expert = idx.reshape(-1), torch.arange(e, device=x.device).repeat_interleave(c)
+            mask = torch.zeros_like(pred).index_put_((token, expert), torch.ones_like(token, dtype=pred.dtype))
+            bce = F.binary_cross_entropy_with_logits(pred, mask)
+            with torch.no_grad():
+                cutoff = torch.topk(torch.sigmoid(pred).t(), k=c, dim=-1).values[:, -1]  # (E,)
+                agree = ((pred > 0) == (mask > 0)).sum()
+                self.pending += torch.cat([cutoff.double(), torch.stack(
+                    [cutoff.new_ones((), dtype=torch.float64), agree.double(), torch.tensor(float(t * e), dtype=torch.float64,
+                                                                                          device=x.device)])])
+            return Assignment(token, expert, w.reshape(-1), s, 0, bce)
+        if int(self.threshold_updates) == 0:
+            w, idx = torch.topk(s, k=self.top_k, dim=-1, sorted=False)
+            return Assignment.top_k(idx, w, s)
+        token, expert = torch.nonzero(torch.sigmoid(pred) >= self.thresholds, as_tuple=True)
+        return Assignment(token, expert, s[token, expert], s, 0)
+
+    @torch.no_grad()
+    def update_after_step(self, reduce: Reduce | None = None) -> None:
+        total = self.pending if reduce is None else reduce(self.pending.clone())
+        e = self.num_experts
+        if float(total[e]) > 0:
+            mean = (total[:e] / total[e]).to(self.thresholds.dtype)
+            if int(self.threshold_updates) == 0:
+                self.thresholds.copy_(mean)
+            else:
+                self.thresholds.mul_(self.threshold_decay).add_((1 - self.threshold_decay) * mean)
+            self.threshold_updates += 1
+            self._accuracy = float(total[e + 1] / total[e + 2])
+        self.pending.zero_()
+
+    def balance_loss(self, a: Assignment) -> torch.Tensor:
+        loss = a.probs.new_zeros(()) if self.aux_alpha <= 0 else self.loss_fn(a.probs, a.expert, self.num_experts,
+                                                                               self.aux_alpha)
+        return loss + a.extra_loss.to(loss.dtype) if a.extra_loss is not None else loss
+
+    def statistics(self) -> dict[str, float]:
+        return {"predictor_accuracy": self._accuracy, "threshold_mean": float(self.thresholds.mean())}
+
+
 def build_router(kind: str, dim: int, num_experts: int, top_k: int, *, norm_topk: bool = False,
                  aux_alpha: float | None = None, score: str = "auto", capacity_factor: float = 1.0,
                  bias_update_rate: float = 1e-3, route_scale: float = 1.0,
@@ -346,6 +436,8 @@ def build_router(kind: str, dim: int, num_experts: int, top_k: int, *, norm_topk
         return BiasTopKRouter(dim, num_experts, top_k, norm_topk, alpha, score, bias_update_rate, route_scale)
     if kind == "expert_choice":
         return ExpertChoiceRouter(dim, num_experts, top_k, capacity_factor, score, alpha)
+    if kind == "token_pool":
+        return TokenPoolRouter(dim, num_experts, top_k, capacity_factor, score, threshold_decay, alpha)
     return RaceRouter(dim, num_experts, top_k, score, threshold_decay, alpha)
 
 
@@ -371,5 +463,5 @@ def router_statistics(model: nn.Module) -> dict[str, float]:
 
 
 __all__ = ["ROUTERS", "SCORE_FUNCS", "Assignment", "BalanceLoss", "BiasTopKRouter", "ExpertChoiceRouter",
-           "RaceRouter", "Reduce", "Router", "TopKRouter", "balance_loss", "build_router", "expert_counts",
+           "RaceRouter", "Reduce", "Router", "TokenPoolRouter", "TopKRouter", "balance_loss", "build_router", "expert_counts",
            "router_logits", "router_statistics", "routers_of", "update_routers"]
