@@ -18,7 +18,8 @@ from ditmoe.models.moe import MoE
 from ditmoe.models.routers import (BiasTopKRouter, ExpertChoiceRouter, RaceRouter, build_router, update_routers)
 from tolerances import EPS64, TINY_DIT_CHAIN, TINY_DIT_K, assert_close_fp32, rel_err
 
-ROUTED = ["topk_softmax", "topk_bias", "expert_choice", "race", "token_pool"]
+ROUTED = ["topk_softmax", "topk_bias", "expert_choice", "race", "token_pool", "prototype"]
+NULL = 10  # the null label of make_layer's prototype router (num_classes 10)
 DIM, E, K, HIDDEN, SHARED = 8, 4, 2, 12, 16
 
 
@@ -47,6 +48,36 @@ def ref_predictor(x: torch.Tensor, predictor) -> list[list[torch.Tensor]]:
         h = h * torch.sigmoid(h)
         out.append([1 / (1 + torch.exp(-v)) for v in (w2 @ h + b2)])
     return out
+
+
+def ref_cosines(x: torch.Tensor, protos: torch.Tensor) -> list[list[torch.Tensor]]:
+    def unit(v):
+        return v / torch.sqrt(sum(c * c for c in v))
+
+    return [[sum(a * b for a, b in zip(unit(x[t]), unit(p))) for p in protos] for t in range(x.shape[0])]
+
+
+def ref_prototype(x: torch.Tensor, protos: torch.Tensor, labels: list[int], k: int, temperature: float):
+    """ProMoE's rule token by token: (pairs, contrastive loss)."""
+    cos = ref_cosines(x, protos)
+    e_unc = len(protos)
+    pairs, first = [], {}
+    for t, lab in enumerate(labels):
+        if lab == NULL:
+            pairs.append((t, e_unc, torch.tensor(1.0, dtype=torch.float64)))
+            continue
+        chosen = sorted(range(e_unc), key=lambda j: -float(cos[t][j]))[:k]
+        pairs += [(t, j, cos[t][j]) for j in chosen]
+        first.setdefault(chosen[0], []).append(t)
+    used = sorted(first)
+    means = [sum(x[t] for t in first[j]) / len(first[j]) for j in used]
+    sim = ref_cosines(torch.stack([protos[j] for j in used]), torch.stack(means))  # [i][j]: prototype i, mean j
+    loss = 0
+    for i in range(len(used)):
+        logits = [v / temperature for v in sim[i]]
+        m = max(float(v.detach()) for v in logits)
+        loss = loss - (logits[i] - m - torch.log(sum(torch.exp(v - m) for v in logits)))
+    return pairs, loss / len(used)
 
 
 def ref_pairs(kind: str, s: list[list[torch.Tensor]], images: int, *, k: int, training: bool,
@@ -114,7 +145,8 @@ def make_layer(kind: str, seed: int = 0, **knobs) -> MoE:
 
 def router_knobs(kind: str) -> dict:
     return {"topk_bias": {"norm_topk": True, "route_scale": 2.5}, "expert_choice": {"capacity_factor": 1.5},
-            "token_pool": {"capacity_factor": 0.7}}.get(kind, {})
+            "token_pool": {"capacity_factor": 0.7}, "prototype": {"num_classes": NULL, "contrastive_temperature": 0.5}
+            }.get(kind, {})
 
 
 @pytest.mark.parametrize("training", [True, False])
@@ -137,16 +169,29 @@ def test_rule_matches_float64_reference(kind, training):
     x = torch.randn(3, 6, DIM, generator=g, dtype=torch.float64)
     x_ref = x.clone().requires_grad_(True)
     x = x.requires_grad_(True)
-    a = gate.route(x)
-    y = layer(x)
+    labels = torch.tensor([1, NULL, 3])  # image 1 is unconditional
+    cond = labels if kind == "prototype" else None
+    a = gate.route(x, cond)
+    y = layer(x, cond)
     score = {"topk_softmax": "softmax", "expert_choice": "softmax", "token_pool": "softmax"}.get(kind, "sigmoid")
     s = ref_scores(x_ref.reshape(-1, DIM), gate.weight, score)
-    pairs = ref_pairs(kind, s, 3, k=K, training=training, bias=getattr(gate, "bias", None),
+    pairs = [] if kind == "prototype" else ref_pairs(kind, s, 3, k=K, training=training, bias=getattr(gate, "bias", None),
                       norm_topk=knobs.get("norm_topk", False), route_scale=knobs.get("route_scale", 1.0),
                       capacity_factor=knobs.get("capacity_factor", 1.0),
                       threshold={"race": 0.5, "token_pool": gate.thresholds if kind == "token_pool" else None}.get(kind)
                       if not training else None,
                       predicted=ref_predictor(x_ref.reshape(-1, DIM), gate.predictor) if kind == "token_pool" else None)
+    if kind == "prototype":
+        pairs, contrastive = ref_prototype(x_ref.reshape(-1, DIM), gate.prototypes, labels.repeat_interleave(6).tolist(),
+                                           K, 0.5)
+        if training:  # the routing contrastive loss and its gradients (prototypes and tokens)
+            assert rel_err(a.extra_loss, contrastive) <= 64 * EPS64 * DIM
+            for got_g, want_g in zip(torch.autograd.grad(a.extra_loss, [x, gate.prototypes]),
+                                     torch.autograd.grad(contrastive, [x_ref, gate.prototypes])):
+                assert rel_err(got_g, want_g) <= 64 * EPS64 * DIM
+        else:
+            assert a.extra_loss is None
+        assert set(a.token[a.expert == E - 1].tolist()) == set(range(6, 12))  # the null image's tokens, alone
     got = sorted(zip(a.token.tolist(), a.expert.tolist(), a.weight.tolist()))
     want = sorted((t, e, float(w)) for t, e, w in pairs)
     assert [(t, e) for t, e, _ in got] == [(t, e) for t, e, _ in want]
@@ -155,7 +200,7 @@ def test_rule_matches_float64_reference(kind, training):
     y_ref = ref_moe(layer, x_ref, pairs)
     assert rel_err(y, y_ref) <= tol
     cot = torch.randn(y.shape, generator=g, dtype=torch.float64)
-    params = [gate.weight, layer.experts.w_in, layer.experts.w_out]
+    params = [gate.weight if kind != "prototype" else gate.prototypes, layer.experts.w_in, layer.experts.w_out]
     grads = torch.autograd.grad((y * cot).sum(), [x] + params)
     grads_ref = torch.autograd.grad((y_ref * cot).sum(), [x_ref] + params, allow_unused=True)
     for name, gg, gr in zip(["x", "router", "w_in", "w_out"], grads, grads_ref):
@@ -212,6 +257,31 @@ def test_planted_race_gives_a_hard_token_many_experts_and_easy_ones_none():
     assert a.token.numel() == 8
 
 
+def test_prototype_sends_every_null_class_token_to_the_unconditional_expert():
+    torch.manual_seed(0)
+    model = ditmoe.create_model("debug", router="prototype", top_k=1, class_dropout_prob=0.5)
+    seen = []
+    for _, moe in model.moe_layers():
+        moe.observer = lambda moe, a, n: seen.append((a, n))
+    x, t = torch.randn(6, 4, 8, 8), torch.rand(6) * 999
+    model.eval()
+    model(x, t, torch.tensor([3, 10, 10, 5, 10, 0]))  # a CFG-style batch: 3 null images
+    for a, n in seen:
+        per_image_unc = [set(a.expert[a.token // 16 == i].tolist()) == {E - 1} for i in range(n)]
+        assert per_image_unc == [False, True, True, False, True, False]
+        assert torch.equal(a.weight[a.expert == E - 1], torch.ones(int((a.expert == E - 1).sum())))
+        assert int((a.expert == E - 1).sum()) == 3 * 16  # one pair per null token, none for the others
+    seen.clear()
+    model.train()  # label dropout: the dropped images' tokens go to the unconditional expert
+    model(x, t, torch.tensor([3, 1, 2, 5, 7, 0]))
+    for a, n in seen:
+        unc = [set(a.expert[a.token // 16 == i].tolist()) == {E - 1} for i in range(n)]
+        cond = [E - 1 not in a.expert[a.token // 16 == i].tolist() for i in range(n)]
+        assert all(u != c for u, c in zip(unc, cond)) and any(unc)  # each image all one or all the other
+    assert [u for u in unc] == [set(seen[0][0].expert[seen[0][0].token // 16 == i].tolist()) == {E - 1}
+                                for i in range(6)]  # the same images in every layer
+
+
 @pytest.mark.parametrize("cf,per,k,want", [(1.0, 16, 2, 8), (1.3, 16, 2, 11), (0.1, 16, 1, 1), (10.0, 16, 2, 16)])
 def test_expert_choice_capacity_is_exact(cf, per, k, want):
     r = ExpertChoiceRouter(DIM, E, k, capacity_factor=cf)
@@ -265,7 +335,7 @@ def test_token_pool_predictor_learns_a_planted_selection_mask():
 @pytest.mark.parametrize("kind", ROUTED)
 def test_inference_image_alone_equals_image_in_batch(kind):
     torch.manual_seed(0)
-    model = ditmoe.create_model("debug", router=kind, class_dropout_prob=0.0)
+    model = ditmoe.create_model("debug", router=kind, top_k=1 if kind == "prototype" else 2)
     x, t, y = torch.randn(5, 4, 8, 8), torch.rand(5) * 999, torch.tensor([0, 3, 5, 9, 2])
     model.train()
     model(x, t, y)  # one training forward so race has a cut-off, topk_bias a load
@@ -354,6 +424,9 @@ def test_config_defaults_and_old_configs():
     ({"router_score": "sigmoid"}, "topk_softmax scores by softmax"),
     ({"threshold_decay": 1.0}, "threshold_decay"),
     ({"bias_update_rate": -0.1}, "bias_update_rate"),
+    ({"router": "prototype", "class_dropout_prob": 0.0}, "prototype needs a null class"),
+    ({"router": "prototype", "top_k": 4}, "top_k 4 must be between 1 and num_experts - 1 = 3"),
+    ({"router": "prototype", "contrastive_temperature": 0.0}, "contrastive_temperature"),
 ])
 def test_bad_router_settings_are_clear_errors(override, message):
     with pytest.raises(ValueError, match=message):
@@ -414,7 +487,7 @@ def test_resume_is_exact_with_router_state(tmp_path, kind):
         assert torch.equal(ema_gate.thresholds, gate.thresholds)
 
 
-@pytest.mark.parametrize("kind", ["topk_bias", "expert_choice", "race", "token_pool"])
+@pytest.mark.parametrize("kind", ["topk_bias", "expert_choice", "race", "token_pool", "prototype"])
 def test_cli_train_sample_analyze_per_router(tmp_path, kind):
     out = tmp_path / "run"
     assert main(["train", "--model", "debug", "--model-input-size", "8", "--data", "digits", "--steps", "2",

@@ -17,7 +17,7 @@ EXPERT_TYPES = ("swiglu", "gelu")
 ATTN_LAYOUTS = ("qkv", "fused_qknorm")
 MOE_PLACEMENTS = ("all", "every_other", "deep_half", "shallow_half", "none")
 # Routing rules (ditmoe.models.routers; docs/routing.md) and their score functions.
-ROUTERS = ("topk_softmax", "topk_bias", "expert_choice", "race", "token_pool")
+ROUTERS = ("topk_softmax", "topk_bias", "expert_choice", "race", "token_pool", "prototype")
 ROUTER_SCORES = ("auto", "softmax", "sigmoid")
 # Routers with state that moves after each optimizer step (ditmoe.models.routers.update_routers).
 STATEFUL_ROUTERS = ("topk_bias", "race", "token_pool")
@@ -88,10 +88,12 @@ class ModelConfig:
     # --- routing (docs/routing.md) ---
     router: str = option("topk_softmax", "routing rule: topk_softmax (DiT-MoE), topk_bias (aux-loss-free bias, "
                          "DeepSeek-V3), expert_choice (per image, EC-DiT), race (global top-K, Expert Race), token_pool (batch "
-                         "pool with a capacity predictor, DiffMoE)",
+                         "pool with a capacity predictor, DiffMoE), prototype (null-class tokens to the last expert, "
+                         "the others by cosine to prototypes, ProMoE)",
                          choices=ROUTERS)
     router_score: str = option("auto", "router scores: softmax or sigmoid over the logits; auto = softmax for "
-                               "topk_softmax, expert_choice and token_pool, sigmoid for topk_bias and race",
+                               "topk_softmax, expert_choice and token_pool, sigmoid for topk_bias and race, the raw "
+                               "cosine for prototype",
                                choices=ROUTER_SCORES)
     capacity_factor: float = option(1.0, "expert_choice: each expert takes ceil(capacity_factor * tokens per image "
                                     "* top_k / num_experts) tokens of every image (at most all of them); token_pool: "
@@ -99,6 +101,8 @@ class ModelConfig:
     bias_update_rate: float = option(1e-3, "topk_bias: the bias moves by this times sign(mean load - load) after "
                                      "each optimizer step")
     route_scale: float = option(1.0, "topk_bias: gate weights (after the optional norm_topk) are multiplied by this")
+    contrastive_weight: float = option(1.0, "prototype: weight of the routing contrastive loss; 0 disables it")
+    contrastive_temperature: float = option(0.07, "prototype: temperature of the routing contrastive loss")
     threshold_decay: float = option(0.99, "race, token_pool: EMA decay of the inference threshold(s) towards the "
                                     "training cut-off (updated once per optimizer step)")
     moe_placement: str = option("all", "which blocks carry a MoE layer (the paper's placement ablation)",
@@ -197,6 +201,19 @@ class ModelConfig:
             problems.append(f"route_scale must be a positive number, got {self.route_scale}")
         if not 0.0 <= self.threshold_decay < 1.0:
             problems.append(f"threshold_decay must be in [0, 1), got {self.threshold_decay}")
+        if self.router == "prototype" and self.num_experts > 0:
+            if self.num_experts < 2:
+                problems.append("router prototype needs num_experts >= 2 (the last expert is the unconditional one)")
+            elif not 1 <= self.top_k <= self.num_experts - 1:
+                problems.append(f"router prototype: top_k {self.top_k} must be between 1 and num_experts - 1 = "
+                                f"{self.num_experts - 1} (the last expert takes only the null class)")
+            if self.class_dropout_prob <= 0:
+                problems.append("router prototype needs a null class: class_dropout_prob > 0 (its unconditional expert "
+                                "learns from the label-dropped images)")
+        if not (self.contrastive_weight >= 0 and math.isfinite(self.contrastive_weight)):
+            problems.append(f"contrastive_weight must be >= 0, got {self.contrastive_weight}")
+        if not (self.contrastive_temperature > 0 and math.isfinite(self.contrastive_temperature)):
+            problems.append(f"contrastive_temperature must be a positive number, got {self.contrastive_temperature}")
         if self.router == "topk_softmax" and self.router_score == "sigmoid":
             problems.append("router topk_softmax scores by softmax; for sigmoid scores use --model-router topk_bias "
                             "(or race)")

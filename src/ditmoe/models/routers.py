@@ -12,6 +12,8 @@ formulas, sources and knobs of each:
   training, a threshold learned from the training cut-off at inference.
 - `token_pool` (`TokenPoolRouter`): DiffMoE; expert choice over the batch's token pool in
   training, a capacity predictor with per-expert thresholds at inference.
+- `prototype` (`PrototypeRouter`): ProMoE; null-class tokens to the last (unconditional) expert,
+  the others by cosine similarity to learnable prototypes, with a routing contrastive loss.
 
 Stateful rules keep their state in buffers (in checkpoints, never seen by the optimizer) and
 accumulate the statistics of every training forward in non-persistent buffers; after each
@@ -36,7 +38,8 @@ from ..config import ROUTERS
 DEFAULT_SCORE = {"topk_softmax": "softmax", "topk_bias": "sigmoid", "expert_choice": "softmax", "race": "sigmoid",
                  "token_pool": "softmax"}
 # The balance-loss weight aux_alpha=None stands for, per router.
-DEFAULT_AUX_ALPHA = {"topk_softmax": 0.01, "topk_bias": 0.0, "expert_choice": 0.0, "race": 0.0, "token_pool": 0.0}
+DEFAULT_AUX_ALPHA = {"topk_softmax": 0.01, "topk_bias": 0.0, "expert_choice": 0.0, "race": 0.0, "token_pool": 0.0,
+                     "prototype": 0.0}
 
 Reduce = Callable[[torch.Tensor], torch.Tensor]  # sums a tensor over the data-parallel processes
 
@@ -419,15 +422,112 @@ class TokenPoolRouter(Router):
         return {"predictor_accuracy": self._accuracy, "threshold_mean": float(self.thresholds.mean())}
 
 
+class PrototypeRouter(Router):
+    """Conditional prototypical routing (ProMoE, arXiv 2510.24711).
+
+    The last of the E experts is the unconditional expert: every token of an image whose label is
+    the null class (`num_classes`, classifier-free guidance's unconditional branch) goes to it
+    alone, with weight 1. The other tokens route among the first E - 1 experts by cosine
+    similarity between the L2-normalised token and E - 1 learnable prototypes: top-k, weighted by
+    the raw cosine (`score` "auto"), or its softmax / sigmoid. `cond` carries the labels (N,) of the
+    N images; without them every token is conditional. In training a routing contrastive loss
+    (`Assignment.extra_loss`, weight `contrastive_weight`) pulls each prototype towards the mean of
+    the conditional tokens whose first choice it is and away from the other prototypes' means:
+    cross-entropy over cos(prototype_i, mean_j) / temperature with target i = j, over the
+    prototypes that got tokens (zero when fewer than two did). The same rule at inference; no
+    image depends on another.
+    """
+
+    def __init__(self, dim: int, num_experts: int, top_k: int, num_classes: int, score: str = "auto",
+                 contrastive_weight: float = 1.0, temperature: float = 0.07, aux_alpha: float = 0.0):
+        super().__init__()
+        if num_experts < 2 or not 1 <= top_k <= num_experts - 1:
+            raise ValueError(f"prototype routing needs num_experts >= 2 and 1 <= top_k <= num_experts - 1, got "
+                             f"{num_experts} experts, top_k {top_k}")
+        self.num_experts, self.top_k, self.num_classes, self.score = num_experts, top_k, num_classes, score
+        self.contrastive_weight, self.temperature, self.aux_alpha = contrastive_weight, temperature, aux_alpha
+        self.prototypes = nn.Parameter(torch.empty(num_experts - 1, dim))
+        nn.init.normal_(self.prototypes, std=0.02)
+        self.loss_fn: BalanceLoss = balance_loss
+        self.register_buffer("usage", torch.zeros(num_experts, dtype=torch.float64), persistent=False)
+
+    @property
+    def weight(self) -> torch.Tensor:  # where other routers' linear weight is (device, dtype look-ups)
+        return self.prototypes
+
+    def route(self, x: torch.Tensor, cond: Any = None) -> Assignment:
+        n, t, d = x.shape
+        labels = None if cond is None else torch.as_tensor(cond, device=x.device).reshape(-1).repeat_interleave(t)
+        return self(x.reshape(n * t, d), labels)
+
+    def forward(self, x: torch.Tensor, cond: Any = None) -> Assignment:
+        """x (T, D); cond: per-token labels (T,) or None."""
+        t_all, e = x.shape[0], self.num_experts
+        dt = torch.promote_types(x.dtype, torch.float32)
+        with torch.autocast(x.device.type, enabled=False):
+            xs = x.to(dt)
+            cos = F.normalize(xs, dim=-1) @ F.normalize(self.prototypes.to(dt), dim=-1).t()  # (T, E - 1)
+        w_all = cos.softmax(-1) if self.score == "softmax" else torch.sigmoid(cos) if self.score == "sigmoid" else cos
+        uncond = (cond == self.num_classes) if cond is not None else torch.zeros(t_all, dtype=torch.bool,
+                                                                                 device=x.device)
+        cond_tok = torch.nonzero(~uncond).squeeze(1)
+        unc_tok = torch.nonzero(uncond).squeeze(1)
+        w, idx = torch.topk(w_all.index_select(0, cond_tok), k=self.top_k, dim=-1)  # sorted: slot 0 is the first choice
+        token = torch.cat([cond_tok.repeat_interleave(self.top_k), unc_tok])
+        expert = torch.cat([idx.reshape(-1), torch.full_like(unc_tok, e - 1)])
+        weight = torch.cat([w.reshape(-1), torch.ones(unc_tok.numel(), dtype=w.dtype, device=x.device)])
+        # Probabilities over all E experts for the (optional) balance loss: softmax of the cosines
+        # for conditional tokens, the unconditional expert for the others.
+        probs = torch.cat([cos.softmax(-1), cos.new_zeros(t_all, 1)], 1)
+        probs = torch.where(uncond.unsqueeze(1), F.one_hot(torch.full_like(uncond, e - 1, dtype=torch.long), e).to(probs.dtype),
+                            probs)
+        extra = None
+        if self.training:
+            with torch.no_grad():
+                self.usage += expert_counts(expert, e).to(self.usage.dtype)
+            if self.contrastive_weight > 0:
+                extra = self.contrastive_weight * self.contrastive_loss(xs.index_select(0, cond_tok), idx[:, 0])
+        return Assignment(token, expert, weight, probs, 0, extra)
+
+    def contrastive_loss(self, tokens: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy of cos(prototype_i, mean of its tokens_j) / temperature, target i = j,
+        over the prototypes that are some token's first choice."""
+        p = self.prototypes.shape[0]
+        counts = expert_counts(first, p)
+        sums = tokens.new_zeros(p, tokens.shape[1]).index_add_(0, first, tokens)
+        used = torch.nonzero(counts > 0).squeeze(1)
+        if used.numel() < 2:
+            return tokens.sum() * 0.0
+        means = sums.index_select(0, used) / counts.index_select(0, used).unsqueeze(1).to(tokens.dtype)
+        protos = self.prototypes.to(tokens.dtype).index_select(0, used)
+        sim = F.normalize(protos, dim=-1) @ F.normalize(means, dim=-1).t()
+        return F.cross_entropy(sim / self.temperature, torch.arange(used.numel(), device=tokens.device))
+
+    def balance_loss(self, a: Assignment) -> torch.Tensor:
+        loss = a.probs.new_zeros(()) if self.aux_alpha <= 0 else self.loss_fn(a.probs, a.expert, self.num_experts,
+                                                                               self.aux_alpha)
+        return loss + a.extra_loss.to(loss.dtype) if a.extra_loss is not None else loss
+
+    def statistics(self) -> dict[str, float]:
+        u = self.usage
+        total = float(u[:-1].sum())
+        out = {"prototypes_used": float((u[:-1] > 0).sum()),
+               "uncond_share": float(u[-1] / u.sum()) if float(u.sum()) else 0.0,
+               "prototype_max_share": float(u[:-1].max() / total) if total else 0.0}
+        u.zero_()
+        return out
+
+
 def build_router(kind: str, dim: int, num_experts: int, top_k: int, *, norm_topk: bool = False,
                  aux_alpha: float | None = None, score: str = "auto", capacity_factor: float = 1.0,
-                 bias_update_rate: float = 1e-3, route_scale: float = 1.0,
-                 threshold_decay: float = 0.99) -> Router:
+                 bias_update_rate: float = 1e-3, route_scale: float = 1.0, threshold_decay: float = 0.99,
+                 num_classes: int = 1000, contrastive_weight: float = 1.0,
+                 contrastive_temperature: float = 0.07) -> Router:
     """The router of rule `kind` (one of ROUTERS) with its knobs; None / "auto" take the rule's defaults."""
     if kind not in ROUTERS:
         raise ValueError(f"unknown router {kind!r}; choose one of {ROUTERS}")
     alpha = DEFAULT_AUX_ALPHA[kind] if aux_alpha is None else aux_alpha
-    score = DEFAULT_SCORE[kind] if score == "auto" else score
+    score = DEFAULT_SCORE[kind] if score == "auto" and kind != "prototype" else score
     if kind == "topk_softmax":
         if score != "softmax":
             raise ValueError("router topk_softmax scores by softmax; use topk_bias for sigmoid scores")
@@ -436,6 +536,9 @@ def build_router(kind: str, dim: int, num_experts: int, top_k: int, *, norm_topk
         return BiasTopKRouter(dim, num_experts, top_k, norm_topk, alpha, score, bias_update_rate, route_scale)
     if kind == "expert_choice":
         return ExpertChoiceRouter(dim, num_experts, top_k, capacity_factor, score, alpha)
+    if kind == "prototype":
+        return PrototypeRouter(dim, num_experts, top_k, num_classes, score, contrastive_weight,
+                               contrastive_temperature, alpha)
     if kind == "token_pool":
         return TokenPoolRouter(dim, num_experts, top_k, capacity_factor, score, threshold_decay, alpha)
     return RaceRouter(dim, num_experts, top_k, score, threshold_decay, alpha)
@@ -463,5 +566,5 @@ def router_statistics(model: nn.Module) -> dict[str, float]:
 
 
 __all__ = ["ROUTERS", "SCORE_FUNCS", "Assignment", "BalanceLoss", "BiasTopKRouter", "ExpertChoiceRouter",
-           "RaceRouter", "Reduce", "Router", "TokenPoolRouter", "TopKRouter", "balance_loss", "build_router", "expert_counts",
+           "PrototypeRouter", "RaceRouter", "Reduce", "Router", "TokenPoolRouter", "TopKRouter", "balance_loss", "build_router", "expert_counts",
            "router_logits", "router_statistics", "routers_of", "update_routers"]
