@@ -82,6 +82,11 @@ def experts_per_token(cfg: ModelConfig, tokens: int) -> tuple[float, str]:
 
         c = max(1, min(tokens, math.ceil(cfg.capacity_factor * tokens * cfg.top_k / cfg.num_experts - 1e-9)))
         return c * cfg.num_experts / tokens, f"expert_choice: {c} tokens per expert and image"
+    if cfg.router == "token_pool":
+        return (cfg.capacity_factor * cfg.top_k, "token_pool: capacity_factor * top_k per token in training (the pool's "
+                "capacity); at inference the predictor's thresholds decide")
+    if cfg.router == "prototype":
+        return float(cfg.top_k), "prototype: top_k per conditional token; null-class tokens take the one unconditional expert"
     if cfg.router == "race":
         return float(cfg.top_k), "race: top_k per token on average in training; at inference the learned threshold decides"
     return float(cfg.top_k), ""
