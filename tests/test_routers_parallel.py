@@ -1,4 +1,4 @@
-"""Stateful routers under data and expert parallelism (2 gloo processes) against one process.
+"""Stateful routers under DDP, FSDP2 and expert parallelism (2 gloo processes) against one process.
 
 Each process's micro-batch is one micro-batch of a single-process run that accumulates over two:
 the routers' statistics are per micro-batch (race's pool, topk_bias's load counts), so that run is
@@ -14,13 +14,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from ditmoe.parallel import full_model_state
 from ditmoe.parallel.launch import spawn_local
 from ditmoe.train.loop import Trainer
 from test_distributed import GLOBAL_BATCH, WORLD, instrument, train_config
 from tolerances import TINY_DIT_CHAIN, TINY_DIT_K, fp32_tol, rel_err
 
 ROUTERS = ("topk_bias", "race", "expert_choice", "token_pool")
-LAYOUTS = ("ddp", "ep")
+LAYOUTS = ("ddp", "ep", "fsdp", "ep_fsdp")
 
 
 def overrides(kind: str) -> dict:
@@ -34,8 +35,11 @@ def worker(rank: int, world: int, root: str) -> None:
             tr = Trainer(train_config(out, parallel=layout, grad_clip=0.0), overrides(kind))
             instrument(tr)
             tr.run()
-            torch.save({"model": {k: v for k, v in tr.model.state_dict().items() if ".gate." in k},
-                        "ema": {k: v for k, v in tr.ema.model.state_dict().items() if ".gate." in k}},
+            model, ema = full_model_state(tr.model, layout), tr.full_ema_state()  # collectives (FSDP)
+            torch.save({"model": {k: v for k, v in model.items() if ".gate." in k},  # full states: rank 0 only
+                        "ema": {k: v for k, v in ema.items() if ".gate." in k},
+                        "buffers": {k: v.clone() for k, v in tr.model.state_dict().items()
+                                    if ".gate." in k and k.endswith(("gate.bias", "threshold", "thresholds"))}},
                        out / f"gates_rank{rank}.pt")
 
 
@@ -54,8 +58,9 @@ def test_router_state_equals_one_process(runs, tmp_path, layout, kind):
     ref.run()
     got = torch.load(runs / f"{layout}_{kind}" / "gates_rank0.pt", weights_only=True)
     other = torch.load(runs / f"{layout}_{kind}" / "gates_rank1.pt", weights_only=True)
-    for k, v in got["model"].items():  # every process holds the same router state
-        assert torch.equal(other["model"][k], v), k
+    assert got["buffers"] or kind == "expert_choice"
+    for k, v in got["buffers"].items():  # every process holds the same router state
+        assert torch.equal(other["buffers"][k], v), k
     want = {k: v for k, v in ref.model.state_dict().items() if ".gate." in k}
     assert set(got["model"]) == set(want)
     tol = fp32_tol(TINY_DIT_K, 2 * TINY_DIT_CHAIN + 3)
