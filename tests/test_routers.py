@@ -543,3 +543,17 @@ def test_activated_compute_follows_the_router():
     s0, s1 = model_stats(base), model_stats(ec)
     assert s1.activated_params > s0.activated_params and s1.gmacs > s0.gmacs and s1.experts_per_token == 3.0
     assert "threshold" in experts_per_token(base.replace(router="race"), 256)[1]
+
+
+def test_init_from_another_router_starts_its_state_fresh_or_says_which_router(tmp_path):
+    from test_train import tiny_trainer
+
+    tiny_trainer(tmp_path / "a", steps=1).run()  # topk_softmax
+    src = str(tmp_path / "a" / "run" / "model_ema.safetensors")
+    race = tiny_trainer(tmp_path / "b", overrides={"router": "race"}, steps=1, init_from=src)
+    assert int(race.model.blocks[0].moe.gate.threshold_updates) == 0  # fresh, not missing
+    assert any("starts fresh" in line for line in race.init_report.lines)
+    race.run()
+    assert int(race.model.blocks[0].moe.gate.threshold_updates) == 1
+    with pytest.raises(ValueError, match="give --model-router topk_softmax"):
+        tiny_trainer(tmp_path / "c", overrides={"router": "prototype"}, steps=1, init_from=src)
