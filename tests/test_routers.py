@@ -543,6 +543,10 @@ def test_activated_compute_follows_the_router():
     s0, s1 = model_stats(base), model_stats(ec)
     assert s1.activated_params > s0.activated_params and s1.gmacs > s0.gmacs and s1.experts_per_token == 3.0
     assert "threshold" in experts_per_token(base.replace(router="race"), 256)[1]
+    from ditmoe.plan import activation_bytes_per_token, pairs_per_token
+
+    assert pairs_per_token(ec) == 3.0 and pairs_per_token(base) == 2.0  # ditmoe plan counts the same pairs
+    assert activation_bytes_per_token(ec)["moe"] > activation_bytes_per_token(base)["moe"]
 
 
 def test_init_from_another_router_starts_its_state_fresh_or_says_which_router(tmp_path):
