@@ -561,3 +561,39 @@ def test_init_from_another_router_starts_its_state_fresh_or_says_which_router(tm
     assert int(race.model.blocks[0].moe.gate.threshold_updates) == 1
     with pytest.raises(ValueError, match="give --model-router topk_softmax"):
         tiny_trainer(tmp_path / "c", overrides={"router": "prototype"}, steps=1, init_from=src)
+
+
+def test_recorder_counts_tokens_with_zero_or_many_experts():
+    """A hand-made assignment of 2 images x 2 tokens: token 0 no expert, token 1 three, token 2
+    one, token 3 two; image 1 is unconditional."""
+    from ditmoe.analysis import RoutingRecorder, analyze_counts
+    from ditmoe.models.routers import Assignment
+
+    class Layer:
+        num_experts, top_k, observer = E, K, None
+
+    class Model:
+        num_classes = 10
+        layer = Layer()
+
+        def moe_layers(self):
+            return [(0, self.layer)]
+
+    model = Model()
+    token = torch.tensor([1, 1, 1, 2, 3, 3])
+    expert = torch.tensor([0, 1, 3, 2, 0, 1])
+    weight = torch.tensor([0.5, 0.25, 0.25, 1.0, 0.75, 0.25])
+    a = Assignment(token, expert, weight, torch.full((4, E), 1.0 / E))
+    with RoutingRecorder(model, num_steps=1) as rec:
+        rec.set_labels(torch.tensor([3, 10]))
+        rec.set_step(0)
+        model.layer.observer(model.layer, a, 2)
+    res = rec.results()
+    assert res.tokens.tolist() == [[2, 2]] and res.unrouted.tolist() == [[1, 0]]
+    assert res.position_expert[0, 0].tolist() == [[0, 0, 0, 0], [1, 1, 0, 1]]  # cond image: tokens 0, 1
+    assert res.position_expert[0, 1].tolist() == [[0, 0, 1, 0], [1, 1, 0, 0]]  # uncond image: tokens 2, 3
+    co = res.coselect[0, 0]
+    assert co[0, 1] == co[1, 3] == co[0, 3] == 1 and co.diagonal().tolist() == [1, 1, 0, 1]
+    assert res.gate_sum[0, 1].tolist() == [0.75, 0.25, 1.0, 0.0]
+    lay = analyze_counts(res, branch="cond", permutations=0)["layers"][0]
+    assert lay["pairs_per_token"] == 1.5 and lay["unrouted_fraction"] == 0.5
