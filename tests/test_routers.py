@@ -597,3 +597,21 @@ def test_recorder_counts_tokens_with_zero_or_many_experts():
     assert res.gate_sum[0, 1].tolist() == [0.75, 0.25, 1.0, 0.0]
     lay = analyze_counts(res, branch="cond", permutations=0)["layers"][0]
     assert lay["pairs_per_token"] == 1.5 and lay["unrouted_fraction"] == 0.5
+
+
+@pytest.mark.parametrize("kind", ["topk_bias", "race", "token_pool"])
+def test_router_state_is_the_same_with_gradient_checkpointing(tmp_path, kind):
+    """The recomputed forwards of activation checkpointing count the load / cut-offs twice; the
+    updates use only signs and means, so the state is that of the plain run."""
+    from test_train import tiny_trainer
+
+    runs = []
+    for ckpt in (False, True):
+        tr = tiny_trainer(tmp_path / str(ckpt), overrides={"router": kind, "bias_update_rate": 0.01}, steps=2,
+                          grad_checkpointing=ckpt, ckpt_every=0)
+        tr.run()
+        runs.append({k: v for k, v in tr.model.state_dict().items() if k.endswith(("gate.bias", "threshold",
+                                                                                   "thresholds"))})
+    assert runs[0]
+    for k, v in runs[0].items():
+        assert_close_fp32(runs[1][k], v, TINY_DIT_K, 2 * TINY_DIT_CHAIN, k)
