@@ -247,6 +247,14 @@ class ModelConfig:
     def from_json(cls, s: str) -> "ModelConfig":
         return cls.from_dict(json.loads(s))
 
+    def comparable(self) -> dict[str, Any]:
+        """`to_dict()` with the settings in force: aux_alpha resolved to the router's default, so a
+        config saved before the routing fields existed (aux_alpha 0.01, no router) compares equal
+        to today's default (aux_alpha None, topk_softmax)."""
+        d = self.to_dict()
+        d["aux_alpha"] = self.balance_alpha
+        return d
+
     def replace(self, **overrides: Any) -> "ModelConfig":
         known = {f.name for f in dataclasses.fields(self)}
         unknown = set(overrides) - known

@@ -397,10 +397,11 @@ class Trainer:
         return state
 
     def _check_resume_model(self, state: dict[str, Any]) -> None:
-        saved_model = json.loads(state["model_config"])
-        if saved_model != self.model_cfg.to_dict():
+        # Through ModelConfig: fields added since the checkpoint was written take their defaults.
+        saved_model = ModelConfig.from_dict(json.loads(state["model_config"])).comparable()
+        if saved_model != self.model_cfg.comparable():
             raise ValueError(f"checkpoint {state['_path']} was trained with another model config "
-                             f"({describe_config_difference(saved_model, self.model_cfg.to_dict())}); "
+                             f"({describe_config_difference(saved_model, self.model_cfg.comparable())}); "
                              "resume with the same --model and overrides, or start a new run in another --out")
 
     def _restore_progress(self, state: dict[str, Any]) -> None:
