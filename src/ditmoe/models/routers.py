@@ -144,7 +144,11 @@ class Router(nn.Module):
         return self(x.reshape(-1, x.shape[-1]), cond)
 
     def balance_loss(self, a: Assignment) -> torch.Tensor:
-        raise NotImplementedError
+        """The layer's aux loss: the Eq. 5 balance loss weighted by `aux_alpha` (through `loss_fn`,
+        which `ditmoe.parallel.attach_global_balance` may replace), plus the rule's own loss."""
+        alpha = getattr(self, "aux_alpha", 0.0)
+        loss = a.probs.new_zeros(()) if alpha <= 0 else self.loss_fn(a.probs, a.expert, self.num_experts, alpha)
+        return loss if a.extra_loss is None else loss + a.extra_loss.to(loss.dtype)
 
     def counts(self, a: Assignment) -> torch.Tensor:
         return expert_counts(a.expert, self.num_experts)
@@ -177,11 +181,6 @@ class TopKRouter(Router):
         if self.norm_topk and self.top_k > 1:
             topk_w = topk_w / (topk_w.sum(dim=-1, keepdim=True) + 1e-20)
         return Assignment.top_k(topk_idx, topk_w, probs)
-
-    def balance_loss(self, a: Assignment) -> torch.Tensor:
-        if self.aux_alpha <= 0:
-            return a.probs.new_zeros(())
-        return self.loss_fn(a.probs, a.expert, self.num_experts, self.aux_alpha)
 
 
 class BiasTopKRouter(TopKRouter):
@@ -268,11 +267,6 @@ class ExpertChoiceRouter(Router):
         expert = torch.arange(e, device=x.device).view(1, e, 1).expand(images, e, c).reshape(-1)
         return Assignment(token, expert, w.reshape(-1), probs, 0)
 
-    def balance_loss(self, a: Assignment) -> torch.Tensor:
-        if self.aux_alpha <= 0:
-            return a.probs.new_zeros(())
-        return self.loss_fn(a.probs, a.expert, self.num_experts, self.aux_alpha)
-
 
 class RaceRouter(Router):
     """Expert Race (Race-DiT, arXiv 2503.16057).
@@ -326,11 +320,6 @@ class RaceRouter(Router):
                 self.threshold.mul_(self.threshold_decay).add_((1 - self.threshold_decay) * mean)
             self.threshold_updates += 1
         self.pending.zero_()
-
-    def balance_loss(self, a: Assignment) -> torch.Tensor:
-        if self.aux_alpha <= 0:
-            return a.probs.new_zeros(())
-        return self.loss_fn(a.probs, a.expert, self.num_experts, self.aux_alpha)
 
     def statistics(self) -> dict[str, float]:
         return {"threshold": float(self.threshold)}
@@ -412,11 +401,6 @@ class TokenPoolRouter(Router):
             self.threshold_updates += 1
             self._accuracy = float(total[e + 1] / total[e + 2])
         self.pending.zero_()
-
-    def balance_loss(self, a: Assignment) -> torch.Tensor:
-        loss = a.probs.new_zeros(()) if self.aux_alpha <= 0 else self.loss_fn(a.probs, a.expert, self.num_experts,
-                                                                               self.aux_alpha)
-        return loss + a.extra_loss.to(loss.dtype) if a.extra_loss is not None else loss
 
     def statistics(self) -> dict[str, float]:
         return {"predictor_accuracy": self._accuracy, "threshold_mean": float(self.thresholds.mean())}
@@ -502,11 +486,6 @@ class PrototypeRouter(Router):
         protos = self.prototypes.to(tokens.dtype).index_select(0, used)
         sim = F.normalize(protos, dim=-1) @ F.normalize(means, dim=-1).t()
         return F.cross_entropy(sim / self.temperature, torch.arange(used.numel(), device=tokens.device))
-
-    def balance_loss(self, a: Assignment) -> torch.Tensor:
-        loss = a.probs.new_zeros(()) if self.aux_alpha <= 0 else self.loss_fn(a.probs, a.expert, self.num_experts,
-                                                                               self.aux_alpha)
-        return loss + a.extra_loss.to(loss.dtype) if a.extra_loss is not None else loss
 
     def statistics(self) -> dict[str, float]:
         u = self.usage
