@@ -615,3 +615,11 @@ def test_router_state_is_the_same_with_gradient_checkpointing(tmp_path, kind):
     assert runs[0]
     for k, v in runs[0].items():
         assert_close_fp32(runs[1][k], v, TINY_DIT_K, 2 * TINY_DIT_CHAIN, k)
+
+
+def test_official_export_refuses_other_routers():
+    from ditmoe.convert import export_official
+
+    assert export_official(ditmoe.create_model("debug"))  # topk_softmax: the official layout
+    with pytest.raises(ValueError, match="only the top-k softmax router"):
+        export_official(ditmoe.create_model("debug", router="race"))
