@@ -623,3 +623,16 @@ def test_official_export_refuses_other_routers():
     assert export_official(ditmoe.create_model("debug"))  # topk_softmax: the official layout
     with pytest.raises(ValueError, match="only the top-k softmax router"):
         export_official(ditmoe.create_model("debug", router="race"))
+
+
+def test_fine_grained_registry_model_routes_with_every_rule():
+    cfg = ditmoe.get_config("DSMoE-L/2-E48")
+    assert (cfg.num_experts, cfg.top_k, cfg.routed_hidden, cfg.shared_width, cfg.router) == (48, 5, 448, 448, "topk_bias")
+    from ditmoe.accounting import model_stats
+
+    assert 0.40e9 < model_stats(cfg).activated_params < 0.47e9  # the paper reports 436M activated
+    # The same narrow experts at a test size under every rule: 12 experts of width 24, k = 3.
+    for kind in ROUTED:
+        m = ditmoe.create_model("debug", num_experts=12, top_k=3, expert_hidden=24, shared_hidden=24, router=kind)
+        out, aux = m(torch.randn(2, 4, 8, 8), torch.rand(2), torch.tensor([1, 10]), return_aux=True)
+        (out.square().mean() + aux.sum()).backward()
