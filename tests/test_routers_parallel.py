@@ -9,6 +9,7 @@ dropout is off, as in test_distributed.py.
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import pytest
@@ -21,7 +22,7 @@ from test_distributed import GLOBAL_BATCH, WORLD, instrument, train_config
 from tolerances import TINY_DIT_CHAIN, TINY_DIT_K, fp32_tol, rel_err
 
 ROUTERS = ("topk_bias", "race", "expert_choice", "token_pool")
-LAYOUTS = ("ddp", "ep", "fsdp", "ep_fsdp")
+LAYOUTS = ("ddp", "ep", "fsdp", "ep_fsdp") + (("zero2", "zero3") if importlib.util.find_spec("deepspeed") else ())
 
 
 def overrides(kind: str) -> dict:
@@ -35,7 +36,8 @@ def worker(rank: int, world: int, root: str) -> None:
             tr = Trainer(train_config(out, parallel=layout, grad_clip=0.0), overrides(kind))
             instrument(tr)
             tr.run()
-            model, ema = full_model_state(tr.model, layout), tr.full_ema_state()  # collectives (FSDP)
+            model = tr.deepspeed.full_model_state() if tr.deepspeed is not None else full_model_state(tr.model, layout)
+            ema = tr.full_ema_state()  # collectives (FSDP, ZeRO)
             torch.save({"model": {k: v for k, v in model.items() if ".gate." in k},  # full states: rank 0 only
                         "ema": {k: v for k, v in ema.items() if ".gate." in k},
                         "buffers": {k: v.clone() for k, v in tr.model.state_dict().items()

@@ -234,12 +234,6 @@ class Trainer:
         self.accum = cfg.global_batch // (world * micro)
 
         self.has_stateful_routers = self.model_cfg.is_moe and self.model_cfg.router in STATEFUL_ROUTERS
-        from ..parallel.deepspeed_engine import DEEPSPEED_MODES
-
-        if self.has_stateful_routers and cfg.parallel in DEEPSPEED_MODES:
-            raise ValueError(f"router {self.model_cfg.router} keeps state updated after each optimizer step, which "
-                             f"the DeepSpeed layouts ({cfg.parallel}) do not call yet; use --parallel ddp, fsdp, ep or "
-                             f"ep_fsdp, or another router")
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         # The reference model with the speed layers (before the EMA copy, which then has them too).
         self.model = kernels.apply(create_model(self.model_cfg).to(self.dist.device))
@@ -470,6 +464,7 @@ class Trainer:
         """Unscale, clip, step the optimizer and the EMA once per global batch."""
         if self.deepspeed is not None:  # clipping and loss scaling happen inside the engine's step
             grad_norm = self.deepspeed.step()
+            self.update_routers()  # the sharded EMA reads buffers from the live model: copied, not averaged
             self.ema.update(self.model, self.step)
             return grad_norm
         self.scaler.unscale_(self.optimizer)
