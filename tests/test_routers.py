@@ -495,6 +495,8 @@ def test_cli_train_sample_analyze_per_router(tmp_path, kind):
                  "--logger", "csv", "--model-router", kind]) == 0
     header = (out / "metrics.csv").read_text().splitlines()[0].split(",")
     assert "unrouted_fraction" in header
+    assert {"topk_bias": "router_bias_spread", "race": "router_threshold", "token_pool": "router_predictor_bce",
+            "prototype": "router_contrastive_loss"}.get(kind, "unrouted_fraction") in header
     assert json.loads((out / "config.json").read_text())["model"]["router"] == kind
     assert main(["sample", "--ckpt", str(out / "model_ema.safetensors"), "--out", str(tmp_path / "s"),
                  "--classes", "1,2", "--per-class", "1", "--steps", "2", "--no-progress"]) == 0

@@ -355,6 +355,7 @@ class TokenPoolRouter(Router):
         # [cut-off sums (E), forwards, predictor agreements, predictions] since the last optimizer step.
         self.register_buffer("pending", torch.zeros(num_experts + 3, dtype=torch.float64), persistent=False)
         self._accuracy = float("nan")
+        self._last_loss: torch.Tensor | None = None
 
     def capacity(self, pool: int) -> int:
         c = math.ceil(self.capacity_factor * pool * self.top_k / self.num_experts - 1e-9)
@@ -381,6 +382,7 @@ class TokenPoolRouter(Router):
                 self.pending += torch.cat([cutoff.double(), torch.stack(
                     [cutoff.new_ones((), dtype=torch.float64), agree.double(), torch.tensor(float(t * e), dtype=torch.float64,
                                                                                           device=x.device)])])
+            self._last_loss = bce.detach()
             return Assignment(token, expert, w.reshape(-1), s, 0, bce)
         if int(self.threshold_updates) == 0:
             w, idx = torch.topk(s, k=self.top_k, dim=-1, sorted=False)
@@ -403,7 +405,10 @@ class TokenPoolRouter(Router):
         self.pending.zero_()
 
     def statistics(self) -> dict[str, float]:
-        return {"predictor_accuracy": self._accuracy, "threshold_mean": float(self.thresholds.mean())}
+        out = {"predictor_accuracy": self._accuracy, "threshold_mean": float(self.thresholds.mean())}
+        if self._last_loss is not None:  # the last training forward's, read at log time only
+            out["predictor_bce"] = float(self._last_loss)
+        return out
 
 
 class PrototypeRouter(Router):
@@ -434,6 +439,7 @@ class PrototypeRouter(Router):
         nn.init.normal_(self.prototypes, std=0.02)
         self.loss_fn: BalanceLoss = balance_loss
         self.register_buffer("usage", torch.zeros(num_experts, dtype=torch.float64), persistent=False)
+        self._last_loss: torch.Tensor | None = None
 
     @property
     def weight(self) -> torch.Tensor:  # where other routers' linear weight is (device, dtype look-ups)
@@ -471,6 +477,7 @@ class PrototypeRouter(Router):
                 self.usage += expert_counts(expert, e).to(self.usage.dtype)
             if self.contrastive_weight > 0:
                 extra = self.contrastive_weight * self.contrastive_loss(xs.index_select(0, cond_tok), idx[:, 0])
+                self._last_loss = extra.detach()
         return Assignment(token, expert, weight, probs, 0, extra)
 
     def contrastive_loss(self, tokens: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
@@ -493,6 +500,8 @@ class PrototypeRouter(Router):
         out = {"prototypes_used": float((u[:-1] > 0).sum()),
                "uncond_share": float(u[-1] / u.sum()) if float(u.sum()) else 0.0,
                "prototype_max_share": float(u[:-1].max() / total) if total else 0.0}
+        if self._last_loss is not None:  # the last training forward's, read at log time only
+            out["contrastive_loss"] = float(self._last_loss)
         u.zero_()
         return out
 
