@@ -446,7 +446,7 @@ def bench_train(args, device, checks: Checks) -> dict[str, Any]:
     pkg_name = f"package default ({dtype_name(default)})"
     contenders = {
         "official fp32": TrainStep(off, off.parameters(), device, None, batch),
-        # the package steps with fused AdamW, as ditmoe.train.loop.build_optimizer does in one process
+        # the package steps with fused AdamW, as ditmoe.train.engine.build_optimizer does in one process
         pkg_name: TrainStep(pkg, pkg.parameters(), device, default, batch, fused_adam=True),
     }
     if default is not None:

@@ -4,6 +4,7 @@
 #   bash scripts/quickstart.sh [OUT]        (default OUT: runs/quickstart)
 # Safe to run twice: training resumes from (or stops at) the last checkpoint in OUT.
 set -euo pipefail
+# sample and analyze use the sampler, steps and guidance scale that configs/mnist.yaml records with the run.
 cd "$(dirname "$0")/.."
 OUT=${1:-runs/quickstart}
 bash scripts/bootstrap.sh
@@ -11,18 +12,16 @@ export PATH="$PWD/.venv/bin:$PATH"
 start=$(date +%s)
 
 ditmoe train --config configs/mnist.yaml --out "$OUT" --resume auto
-ditmoe sample --ckpt "$OUT/model_ema.safetensors" --out "$OUT/samples" --classes all --per-class 10 \
-    --sampler euler --steps 50 --cfg-scale 2.0 --seed 0
+ditmoe sample --ckpt "$OUT/model_ema.safetensors" --out "$OUT/samples" --classes all --per-class 10 --seed 0
 # 500 samples for the evaluation: FID against the MNIST test set on the features of a small MNIST
 # classifier (trained once and cached), and how often that classifier sees the requested class.
 # 500 real training images give the floor of that FID at the same sample count.
 ditmoe sample --ckpt "$OUT/model_ema.safetensors" --out "$OUT/eval_samples" --classes all --per-class 50 \
-    --sampler euler --steps 50 --cfg-scale 2.0 --seed 1 --max-grid 100
+    --seed 1 --max-grid 100
 ditmoe eval --samples "$OUT/eval_samples/samples.npz" --ref mnist --out "$OUT/eval.json"
 python -m ditmoe.data.real_subset --n 500 --out "$OUT/real_500.npz"
 ditmoe eval --samples "$OUT/real_500.npz" --ref mnist --out "$OUT/eval_real_floor.json"
-ditmoe analyze --ckpt "$OUT/model_ema.safetensors" --out "$OUT/analysis" --per-class 10 \
-    --sampler euler --steps 50 --cfg-scale 2.0
+ditmoe analyze --ckpt "$OUT/model_ema.safetensors" --out "$OUT/analysis" --per-class 10
 
 # One self-contained page with all of the above (settings, curves, expert load, grid, FID, findings).
 ditmoe report "$OUT"

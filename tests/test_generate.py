@@ -106,3 +106,56 @@ def test_sample_under_torchrun_equals_single_process(tiny_run, tmp_path):
     # Same per-image seeds, so the same images (up to float summation order across batch shapes).
     assert np.abs(dist_npz["arr_0"].astype(int) - single_npz["arr_0"].astype(int)).max() <= 1
     assert not list((tmp_path / "dist").glob("part_*.npz"))
+
+
+@pytest.fixture(scope="module")
+def run_with_sampling(tmp_path_factory):
+    """A tiny run that records its sampling settings: heun, 2 steps, guidance 2.5."""
+    out = tmp_path_factory.mktemp("run_sampling")
+    assert main(["train", "--model", "debug", "--model-input-size", "8", "--data", "digits", "--steps", "2",
+                 "--global-batch", "8", "--out", str(out), "--progress", "false", "--logger", "csv",
+                 "--sampler", "heun", "--sample-steps", "2", "--cfg-scale", "2.5"]) == 0
+    return out
+
+
+def _sample_config(ckpt, out, *flags):
+    assert main(["sample", "--ckpt", str(ckpt), "--out", str(out), "--classes", "3", "--per-class", "1",
+                 "--no-progress", *flags]) == 0
+    cfg = json.loads((out / "sample_config.json").read_text())
+    return cfg["sampler"], cfg["steps"], cfg["cfg_scale"]
+
+
+@pytest.mark.parametrize("which", ["checkpoint", "ema", "ema_copied_elsewhere"])
+def test_sample_uses_the_settings_the_run_recorded(run_with_sampling, tmp_path, which):
+    import shutil
+
+    ckpt = {"checkpoint": run_with_sampling / "checkpoints" / "step_0000002.pt",
+            "ema": run_with_sampling / "model_ema.safetensors"}.get(which)
+    if which == "ema_copied_elsewhere":  # the file itself carries them, without the run's config.json
+        ckpt = tmp_path / "copy.safetensors"
+        shutil.copy(run_with_sampling / "model_ema.safetensors", ckpt)
+    assert _sample_config(ckpt, tmp_path / "a") == ("heun", 2, 2.5)
+    # A flag wins over the recording; another sampler takes its own default steps, not the recorded ones.
+    assert _sample_config(ckpt, tmp_path / "b", "--cfg-scale", "1.0") == ("heun", 2, 1.0)
+    assert _sample_config(ckpt, tmp_path / "c", "--sampler", "euler", "--cfg-scale", "1.0") == ("euler", 50, 1.0)
+
+
+def test_runs_without_recorded_settings_sample_with_the_defaults(tiny_run, tmp_path):
+    import shutil
+
+    from ditmoe.config import DEFAULT_CFG_SCALE
+    from ditmoe.convert import load_model, save_model
+
+    # tiny_run records the defaults (euler, 50 steps, 1.5); a file without any recording gets the same.
+    plain = tmp_path / "plain.safetensors"
+    save_model(load_model(tiny_run / "model_ema.safetensors"), plain)
+    assert _sample_config(plain, tmp_path / "a", "--process", "flow", "--steps", "2") == ("euler", 2, DEFAULT_CFG_SCALE)
+
+
+def test_recorded_sampler_must_fit_the_process():
+    from ditmoe.config import TrainConfig
+
+    with pytest.raises(ValueError, match="sampler ddim does not sample a flow model"):
+        TrainConfig(process="flow", sampler="ddim").validate()
+    with pytest.raises(ValueError, match="sample_steps"):
+        TrainConfig(sample_steps=-1).validate()

@@ -246,3 +246,30 @@ def test_model_ema_copied_out_of_its_run_keeps_its_process(tmp_path):
     alone.parent.mkdir()
     shutil.copy(tmp_path / "run" / "model_ema.safetensors", alone)  # no config.json of the run beside it
     assert load_for_sampling(alone, "ema", None, "cpu").process == "flow"
+
+
+@pytest.mark.parametrize("decay", ["none", "linear", "cosine"])
+def test_learning_rate_schedule_against_its_formula(decay):
+    import math
+
+    from ditmoe.train.loop import lr_at
+
+    cfg = TrainConfig(steps=110, lr=2e-3, warmup_steps=10, lr_decay=decay, lr_decay_fraction=0.5, lr_final=1e-4)
+    lrs = [lr_at(cfg, s) for s in range(cfg.steps)]
+    assert lrs[:10] == pytest.approx([2e-3 * (s + 1) / 10 for s in range(10)])
+    # 50 decay steps end at step 109; before step 59 the rate is flat.
+    assert lrs[10:60] == pytest.approx([2e-3] * 50)
+    for s in range(59, 110):
+        frac = (s - 59) / 50
+        if decay == "cosine":
+            frac = (1 - math.cos(math.pi * frac)) / 2
+        want = 2e-3 if decay == "none" else 2e-3 + (1e-4 - 2e-3) * frac
+        assert lrs[s] == pytest.approx(want, rel=1e-12)
+    assert lrs[-1] == pytest.approx(2e-3 if decay == "none" else 1e-4)
+
+
+@pytest.mark.parametrize("field,value", [("lr_decay_fraction", 0.0), ("lr_decay_fraction", 1.5), ("lr_final", -1e-4),
+                                         ("lr_final", 1.0)])
+def test_bad_learning_rate_decay_settings_are_refused(field, value):
+    with pytest.raises(ValueError, match=field):
+        TrainConfig(lr=1e-3, lr_decay="cosine", **{field: value}).validate()

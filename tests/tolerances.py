@@ -98,7 +98,7 @@ def underflow_tol(dtype: torch.dtype) -> float:
     fi = torch.finfo(dtype)
     return fi.smallest_normal * fi.eps / 2
 
-# The tiny AutoencoderKL of tests/test_latents.py (block_out_channels (8, 16), one ResNet block per
+# The tiny AutoencoderKL of tests/test_data_latents.py (block_out_channels (8, 16), one ResNet block per
 # stage, 8 groups, 32x32 images). Encoder path to (mean, logvar): conv_in; stage 1 ResNet (GroupNorm,
 # conv, GroupNorm, conv) and the stride-2 conv; stage 2 ResNet (4); mid block: ResNet (4), attention
 # (GroupNorm, q/k/v, q.k, softmax, p.v, out: 6), ResNet (4); GroupNorm, conv_out, quant_conv: 27

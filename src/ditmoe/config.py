@@ -265,10 +265,10 @@ class ModelConfig:
         return dataclasses.replace(self, **overrides)
 
 
-__all__ = ["ModelConfig", "TrainConfig", "EXPERT_TYPES", "ATTN_LAYOUTS", "MOE_PLACEMENTS", "ROUTERS", "ROUTER_SCORES", "STATEFUL_ROUTERS",
-           "PROCESSES", "PRECISIONS",
-           "PARALLEL_MODES", "LOGGERS", "PROCESS_SAMPLERS", "SAMPLER_STEPS",
-           "check_choices", "default_sampler", "default_steps", "check_field_types", "option"]
+__all__ = ["ModelConfig", "TrainConfig", "EXPERT_TYPES", "ATTN_LAYOUTS", "MOE_PLACEMENTS", "ROUTERS", "ROUTER_SCORES",
+           "STATEFUL_ROUTERS", "PROCESSES", "PRECISIONS",
+           "PARALLEL_MODES", "LOGGERS", "PROCESS_SAMPLERS", "SAMPLER_STEPS", "DEFAULT_CFG_SCALE",
+           "check_choices", "default_sampler", "default_steps", "recorded_sampling", "SAMPLING_FIELDS", "check_field_types", "option"]
 
 _TYPE_WORDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
 
@@ -332,11 +332,13 @@ def check_field_types(cls: type, values: dict[str, Any], where: str) -> dict[str
 PROCESSES = ("flow", "ddpm")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 PARALLEL_MODES = ("none", "ddp", "fsdp", "ep", "ep_fsdp", "zero2", "zero3")
+CHECKPOINT_FORMATS = ("auto", "file", "sharded")
 LOGGERS = ("csv", "tensorboard", "wandb")  # CSV files are written under every choice
 BALANCE_SCOPES = ("local", "global")
 VERIFY_MODES = ("fast", "full", "none")
 WEIGHT_KINDS = ("ema", "model")
 TIME_DISTS = ("logit_normal", "uniform")
+LR_DECAYS = ("none", "cosine", "linear")
 NOISE_SCHEDULES = ("linear", "cosine")
 WANDB_MISSING = ("logger 'wandb' needs the wandb package, which the default install leaves out: pip install wandb "
                  "(WANDB_MODE=offline logs without an account; `wandb sync` uploads later), or train with "
@@ -347,6 +349,7 @@ WANDB_MISSING = ("logger 'wandb' needs the wandb package, which the default inst
 # step count; `ditmoe sample / analyze`, generate() and the training previews read these.
 PROCESS_SAMPLERS = {"ddpm": ("ddpm", "ddim"), "flow": ("euler", "heun")}
 SAMPLER_STEPS = {"ddpm": 250, "ddim": 50, "euler": 50, "heun": 25}
+DEFAULT_CFG_SCALE = 1.5  # the paper's guidance scale, where neither a flag nor the run says otherwise
 
 
 def default_sampler(process: str) -> str:
@@ -356,6 +359,22 @@ def default_sampler(process: str) -> str:
 
 def default_steps(sampler: str) -> int:
     return SAMPLER_STEPS[sampler]
+
+
+SAMPLING_FIELDS = ("sampler", "sample_steps", "cfg_scale")  # TrainConfig fields recorded for sampling
+
+
+def recorded_sampling(train: Any) -> dict[str, Any] | None:
+    """The sampling settings a run's training config (a dict, as checkpoints and config.json hold
+    it) records, resolved ({"sampler", "steps", "cfg_scale"}); None when it records none (runs
+    from before they were recorded) or they do not read as valid settings."""
+    if not isinstance(train, dict) or not any(k in train for k in SAMPLING_FIELDS):
+        return None
+    try:
+        cfg = TrainConfig(process=train.get("process", "flow"), **{k: train[k] for k in SAMPLING_FIELDS if k in train})
+        return cfg.validate().sampling()
+    except (TypeError, ValueError):
+        return None
 
 
 def logger_kinds(logger: str) -> list[str]:
@@ -376,6 +395,11 @@ class TrainConfig:
     micro_batch: int = option(0, "images per forward on one process; 0 = global_batch / world size (no accumulation)")
     lr: float = option(1e-4, "AdamW learning rate (constant after the warm-up)")
     warmup_steps: int = option(0, "linear warm-up, then constant (the paper's schedule)")
+    lr_decay: str = option("none", "after the warm-up: none (constant, the paper's schedule), or a cosine / "
+                           "linear decay to lr_final over the last lr_decay_fraction of the steps", choices=LR_DECAYS)
+    lr_decay_fraction: float = option(1.0, "share of the steps (after the warm-up) over which lr_decay runs, "
+                                      "at the end of training; in (0, 1]")
+    lr_final: float = option(0.0, "learning rate at the last step with lr_decay")
     weight_decay: float = option(0.0, "AdamW weight decay")
     adam_beta1: float = option(0.9, "AdamW beta1")
     adam_beta2: float = option(0.999, "AdamW beta2")
@@ -405,6 +429,13 @@ class TrainConfig:
     log_every: int = option(50, "steps between log lines / CSV rows; 0 = one row, at the end")
     ckpt_every: int = option(1000, "steps between checkpoints; 0 = only the one always written at the end")
     keep_last: int = option(2, "checkpoints kept on disk")
+    checkpoint_format: str = option("auto", "file: one file per checkpoint (step_N.pt; under fsdp / ep the state is "
+                                    "gathered on rank 0); sharded: a folder (step_N.dcp) of every rank's shards, "
+                                    "written by torch.distributed.checkpoint, nothing gathered; auto: sharded under "
+                                    "fsdp / ep / ep_fsdp on several processes when the state exceeds "
+                                    "sharded_above_gb, else file", choices=CHECKPOINT_FORMATS)
+    sharded_above_gb: float = option(16.0, "checkpoint_format auto: the size of weights + EMA + AdamW state (16 bytes "
+                                     "per parameter; 16 GB = 1B parameters) above which checkpoints are sharded")
     resume: str = option("", "'' (fresh; refused if out holds a run), auto (the newest checkpoint in "
                          "out/checkpoints; where there is none, a new run starts and says so) or a checkpoint path")
     init_from: str = option("", "start a new run (step 0, fresh optimizer, EMA = these weights) from a training "
@@ -420,6 +451,12 @@ class TrainConfig:
                          "tensorboard,wandb both, csv nothing more", choices=LOGGERS, many=True)
     sample_every: int = option(0, "steps between preview grids from the EMA weights (OUT/previews/step_XXXXXXX.png "
                                "and the logger; also at the last step); 0 = off")
+    # The sampling this recipe was tuned for: recorded with the run (checkpoints, config.json,
+    # model_ema.safetensors); previews use it, and `ditmoe sample` / `analyze` when no flag says otherwise.
+    sampler: str = option("", "sampler recorded with the run; '' = the process's default (euler for flow, "
+                          "ddpm for DDPM)", choices=("",) + tuple(SAMPLER_STEPS))
+    sample_steps: int = option(0, "sampling steps recorded with the run; 0 = the sampler's default")
+    cfg_scale: float = option(DEFAULT_CFG_SCALE, "classifier-free guidance scale recorded with the run (1 = none)")
     # rectified flow
     time_dist: str = option("logit_normal", "flow: distribution of the training times", choices=TIME_DISTS)
     time_mean: float = option(0.0, "flow: mean of the logit-normal times")
@@ -428,6 +465,11 @@ class TrainConfig:
     noise_schedule: str = option("linear", "ddpm: beta schedule", choices=NOISE_SCHEDULES)
     diffusion_steps: int = option(1000, "ddpm: diffusion steps of the training process")
     progress: bool = option(True, "progress bar on the terminal")
+
+    def sampling(self) -> dict[str, Any]:
+        """The recorded sampling settings, resolved: {"sampler", "steps", "cfg_scale"}."""
+        sampler = self.sampler or default_sampler(self.process)
+        return {"sampler": sampler, "steps": self.sample_steps or default_steps(sampler), "cfg_scale": self.cfg_scale}
 
     def validate(self) -> "TrainConfig":
         """Raise ValueError naming every bad setting and its allowed range; return self for chaining."""
@@ -441,6 +483,11 @@ class TrainConfig:
             problems.append("compile is not supported with the DeepSpeed layouts; drop --compile or use fsdp")
         if self.ep_size < 0:
             problems.append(f"ep_size must be >= 0 (0 = the whole world), got {self.ep_size}")
+        if self.checkpoint_format == "sharded" and self.parallel in ("zero2", "zero3"):
+            problems.append("checkpoint_format sharded is not supported with the DeepSpeed layouts (zero2 / zero3); "
+                            "use file (or auto), or --parallel fsdp / ep_fsdp")
+        if not (math.isfinite(self.sharded_above_gb) and self.sharded_above_gb >= 0):
+            problems.append(f"sharded_above_gb must be a finite number >= 0, got {self.sharded_above_gb}")
         if not self.out.strip():
             problems.append("out must name an output folder, got an empty string")
         if not self.data.strip():
@@ -450,6 +497,17 @@ class TrainConfig:
                           ("diffusion_steps", 1)):
             if getattr(self, name) < low:
                 problems.append(f"{name} must be >= {low}, got {getattr(self, name)}")
+        if not 0 < self.lr_decay_fraction <= 1:
+            problems.append(f"lr_decay_fraction must be in (0, 1], got {self.lr_decay_fraction}")
+        if not 0 <= self.lr_final <= self.lr:
+            problems.append(f"lr_final must be in [0, lr = {self.lr}], got {self.lr_final}")
+        if self.sampler and self.process in PROCESS_SAMPLERS and self.sampler not in PROCESS_SAMPLERS[self.process]:
+            problems.append(f"sampler {self.sampler} does not sample a {self.process} model; choose one of "
+                            f"{', '.join(PROCESS_SAMPLERS[self.process])}, or '' for the default")
+        if self.sample_steps < 0:
+            problems.append(f"sample_steps must be >= 0 (0 = the sampler's default), got {self.sample_steps}")
+        if self.cfg_scale < 0:
+            problems.append(f"cfg_scale must be >= 0 (1 = no guidance), got {self.cfg_scale}")
         if self.steps > 10**9:
             problems.append(f"steps {self.steps} is more than 10^9 optimizer steps; check the value")
         if self.global_batch > 2**24:

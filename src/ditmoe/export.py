@@ -152,7 +152,7 @@ def to_diffusers(model, exact_time: bool = True):
 def save_diffusers(model, folder: str | os.PathLike, process: str | None = None) -> Path:
     """Write a dense DiT as a diffusers DiTTransformer2DModel folder (`save_pretrained`), plus
     ditmoe_config.json (this package's config and process) so that reading it back loses nothing."""
-    from .convert import atomic_write, check_output_dir
+    from .weights_io import atomic_write, check_output_dir
 
     check_exportable(model.config)
     folder = check_output_dir(folder, "DST")
@@ -166,7 +166,7 @@ def save_diffusers(model, folder: str | os.PathLike, process: str | None = None)
 
 # ------------------------------------------------------------------------------ back
 def _read_diffusers_weights(folder: Path) -> dict[str, torch.Tensor]:
-    from .convert import read_safetensors, torch_load_weights_only
+    from .weights_io import read_safetensors, torch_load_weights_only
 
     index = folder / "diffusion_pytorch_model.safetensors.index.json"
     if index.is_file():
@@ -270,7 +270,7 @@ def from_diffusers(source, with_info: bool = False):
     its ditmoe_config.json (name, timestep_scale, ...). With `with_info`, returns (model, info) as
     `ditmoe.convert.load_model_and_info` does. Needs no diffusers install to read a folder.
     """
-    from .convert import load_into
+    from .weights_io import load_into
     from .registry import create_model
 
     base, info = None, {"weights": "file"}

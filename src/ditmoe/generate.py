@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from . import kernels
+from .config import PROCESS_SAMPLERS, recorded_sampling
 
 
 @dataclass
@@ -25,6 +26,7 @@ class LoadedModel:
     process: str  # "flow" or "ddpm"
     weights: str  # "ema", "model" or "file"
     source: str
+    sampling: dict[str, Any] | None = None  # the run's recorded {"sampler", "steps", "cfg_scale"}, if any
 
 
 def load_for_sampling(ckpt: str | os.PathLike, weights: str = "ema", process: str | None = None,
@@ -34,16 +36,21 @@ def load_for_sampling(ckpt: str | os.PathLike, weights: str = "ema", process: st
     `weights` does not apply, a folder holds one set), or an official checkpoint, and work out which process (flow / ddpm) it was trained with:
     `process` when given, else what the file records (training checkpoints, files written by
     `ditmoe convert`), else the config.json of the run it sits in, else "ddpm" (the official
-    DDPM checkpoints; pass process="flow" for the released rectified-flow ones).
+    DDPM checkpoints; pass process="flow" for the released rectified-flow ones). `sampling` is
+    the sampler, steps and guidance the run recorded (from the file, else the run's config.json).
     """
-    from .convert import load_model_and_info, run_process_near
+    from .convert import load_model_and_info, run_train_config_near
 
     if process not in (None, "flow", "ddpm"):
         raise ValueError(f"process must be 'flow' or 'ddpm', got {process!r}")
     path = Path(ckpt)
     model, info = load_model_and_info(path, weights)
-    process = process or info.get("process") or run_process_near(path) or "ddpm"
-    return LoadedModel(kernels.apply(model.eval().to(device)), process, info["weights"], str(path))
+    run_train = None if path.is_dir() else run_train_config_near(path)
+    process = process or info.get("process") or (run_train or {}).get("process") or "ddpm"
+    sampling = info.get("sampling") or recorded_sampling(run_train)
+    if sampling and sampling["sampler"] not in PROCESS_SAMPLERS[process]:
+        sampling = None  # recorded for another process than the one asked for
+    return LoadedModel(kernels.apply(model.eval().to(device)), process, info["weights"], str(path), sampling)
 
 
 def image_noise(indices: list[int], shape: tuple[int, ...], seed: int, device: torch.device) -> torch.Tensor:
@@ -143,7 +150,7 @@ def save_singles(images: np.ndarray, labels: np.ndarray, folder: str | os.PathLi
 
 def save_npz(images: np.ndarray, labels: np.ndarray, path: str | os.PathLike) -> Path:
     """ADM-suite .npz: arr_0 = uint8 NHWC images; arr_1 = the requested class labels."""
-    from .convert import atomic_write
+    from .weights_io import atomic_write
 
     path = Path(path)
     def write(tmp: str) -> None:

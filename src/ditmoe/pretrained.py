@@ -70,7 +70,7 @@ def save_pretrained(model, folder: str | os.PathLike, process: str | None = None
     from safetensors.torch import save_file
 
     from . import __version__
-    from .convert import atomic_write, check_output_dir
+    from .weights_io import atomic_write, check_output_dir
 
     if process not in (None, "flow", "ddpm"):
         raise ValueError(f"process must be 'flow', 'ddpm' or None, got {process!r}")
@@ -104,7 +104,7 @@ def load_pretrained_and_info(folder: str | os.PathLike) -> tuple[Any, dict[str, 
     Reads folders written by `save_pretrained` and diffusers DiTTransformer2DModel folders.
     """
     from .config import ModelConfig
-    from .convert import load_into, official_to_package, read_safetensors
+    from .weights_io import load_into, official_to_package, read_safetensors
     from .registry import create_model
 
     folder = Path(folder)

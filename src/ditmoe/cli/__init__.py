@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ditmoe {args.command}: error: {describe_os_error(e)}", file=sys.stderr)
         return 1
     except RuntimeError as e:
-        from ..convert import _is_torch_write_failure, disk_write_error
+        from ..weights_io import _is_torch_write_failure, disk_write_error
 
         if not _is_torch_write_failure(e) or os.environ.get("DITMOE_DEBUG"):
             raise

@@ -64,8 +64,8 @@ def _convert_args(p: argparse.ArgumentParser) -> None:
 
 
 def _convert(args: argparse.Namespace) -> int:
-    from ..convert import (atomic_write, check_checkpoint_path, check_output_dir, check_output_file,
-                          export_official, load_model_and_info, run_process_near, save_model)
+    from ..convert import check_checkpoint_path, export_official, load_model_and_info, run_process_near, save_model
+    from ..weights_io import atomic_write, check_output_dir, check_output_file
 
     if args.from_format == "diffusers":
         from ..pretrained import is_diffusers_folder
@@ -148,8 +148,8 @@ def _upcycle_args(p: argparse.ArgumentParser) -> None:
 
 
 def _upcycle(args: argparse.Namespace) -> int:
-    from ..convert import (check_checkpoint_path, check_output_file, load_model_and_info, run_process_near,
-                          save_model, upcycle)
+    from ..convert import check_checkpoint_path, load_model_and_info, run_process_near, save_model, upcycle
+    from ..weights_io import check_output_file
 
     check_checkpoint_path(args.src, "SRC")
     check_output_file(args.dst, "DST", suffix=".safetensors")

@@ -34,7 +34,7 @@ def _reference_source(ref: str) -> str:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from ..convert import atomic_write, check_output_file
+    from ..weights_io import atomic_write, check_output_file
     from ..eval.evaluate import compute_reference_stats, evaluate, format_results, get_extractor, is_mnist_like
     from ..eval.npz import load_samples_npz
 
@@ -110,7 +110,7 @@ def _ref_args(p: argparse.ArgumentParser) -> None:
 
 
 def _ref(args: argparse.Namespace) -> int:
-    from ..convert import check_output_file
+    from ..weights_io import check_output_file
     from ..eval.evaluate import get_extractor, is_mnist_like
     from ..eval.reference import build_reference, list_folder_images, load_reference_images
 

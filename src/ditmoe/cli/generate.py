@@ -7,7 +7,7 @@ import json
 import os
 from pathlib import Path
 
-from ..config import PROCESS_SAMPLERS, PROCESSES, SAMPLER_STEPS, default_sampler, default_steps
+from ..config import DEFAULT_CFG_SCALE, PROCESS_SAMPLERS, PROCESSES, SAMPLER_STEPS, default_sampler, default_steps
 from ..devices import resolve_device
 from ._command import Command
 
@@ -24,9 +24,12 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
                    help="for training checkpoints: the EMA weights (default, what results use) or the raw ones")
     p.add_argument("--process", choices=list(PROCESSES), default=None,
                    help="process the model was trained with (default: read from the run's config)")
-    p.add_argument("--sampler", choices=list(SAMPLER_STEPS), default=None, help=f"default: {_SAMPLER_TEXT}")
-    p.add_argument("--steps", type=int, default=None, help=f"sampling steps (default: {_STEPS_TEXT})")
-    p.add_argument("--cfg-scale", type=float, default=1.5, help="classifier-free guidance scale (1 = none)")
+    p.add_argument("--sampler", choices=list(SAMPLER_STEPS), default=None,
+                   help=f"default: the one the run recorded, else {_SAMPLER_TEXT}")
+    p.add_argument("--steps", type=int, default=None,
+                   help=f"sampling steps (default: the run's recorded steps for its sampler, else {_STEPS_TEXT})")
+    p.add_argument("--cfg-scale", type=float, default=None,
+                   help=f"classifier-free guidance scale, 1 = none (default: the run's recorded scale, else {DEFAULT_CFG_SCALE})")
     p.add_argument("--cfg-channels", default="all", help="'all' (standard) or '3' (the official code's legacy guidance)")
     p.add_argument("--shift", type=float, default=1.0, help="time shift for flow samplers")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta")
@@ -43,7 +46,7 @@ def _check_sampling_args(args: argparse.Namespace) -> None:
     if args.steps is not None and args.steps < 1:
         raise ValueError(f"--steps must be at least 1, got {args.steps} (leave it out for the sampler's default: "
                          f"{_STEPS_TEXT})")
-    if args.cfg_scale < 0:
+    if args.cfg_scale is not None and args.cfg_scale < 0:
         raise ValueError(f"--cfg-scale must be >= 0, got {args.cfg_scale}: 1 = no guidance, larger values push "
                          "samples towards their class (1.5 to 4 is usual), 0 = unconditional")
     if args.batch_size < 1:
@@ -60,15 +63,31 @@ def _check_sampling_args(args: argparse.Namespace) -> None:
 def _load_checked(args: argparse.Namespace):
     """Device, checkpoint path and output folder checked before loading; the loaded model and the
     output folder, the sampler checked against the model's process."""
-    from ..convert import check_checkpoint_path, check_output_dir
+    from ..convert import check_checkpoint_path
     from ..generate import load_for_sampling
+    from ..weights_io import check_output_dir
 
     device = resolve_device(args.device)
     check_checkpoint_path(args.ckpt, "--ckpt")
     out = check_output_dir(args.out)
     loaded = load_for_sampling(args.ckpt, args.weights, args.process, device)
     _check_sampler_fits(args, loaded.process)
+    _resolve_sampling(args, loaded)
     return loaded, out
+
+
+def _resolve_sampling(args: argparse.Namespace, loaded) -> None:
+    """Fill in the sampler, steps and guidance scale that no flag gave: the run's recorded settings
+    (its recipe was tuned for them), else the built-in defaults. Says which were used."""
+    rec = loaded.sampling or {}
+    given = [name for name in ("sampler", "steps", "cfg_scale") if getattr(args, name) is not None]
+    args.sampler = args.sampler or rec.get("sampler") or default_sampler(loaded.process)
+    # Recorded steps belong to the recorded sampler; another sampler takes its own default.
+    rec_steps = rec.get("steps") if rec.get("sampler") == args.sampler else None
+    args.steps = args.steps or rec_steps or default_steps(args.sampler)
+    args.cfg_scale = args.cfg_scale if args.cfg_scale is not None else rec.get("cfg_scale", DEFAULT_CFG_SCALE)
+    source = "recorded with the run" if rec else "built-in defaults"
+    args.sampling_source = source if not given else f"{source}; from flags: {', '.join(given)}"
 
 
 def _check_sampler_fits(args: argparse.Namespace, process: str) -> None:
@@ -140,7 +159,7 @@ def _sample(args: argparse.Namespace) -> int:
     if rank == 0:
         note = "EMA weights" if loaded.weights == "ema" else ("raw (non-EMA) weights" if loaded.weights == "model" else "weights from file")
         print(f"sampling {len(labels)} images from {loaded.source} ({note}; process {loaded.process}; "
-              f"cfg scale {args.cfg_scale}) on {world} process(es)")
+              f"{args.sampler} {args.steps} steps, cfg scale {args.cfg_scale}: {args.sampling_source}) on {world} process(es)")
     images = generate(model, loaded.process, labels[indices], sampler=args.sampler, steps=args.steps,
                       cfg_scale=args.cfg_scale, cfg_channels=_cfg_channels(args.cfg_channels), seed=args.seed,
                       batch_size=args.batch_size, indices=indices, shift=args.shift, eta=args.eta,
@@ -168,9 +187,7 @@ def _sample(args: argparse.Namespace) -> int:
     grid = save_grid(arr[: args.max_grid], out / "grid.png", nrow=nrow) if args.max_grid > 0 else None
     if args.singles:
         save_singles(arr, y, out / "images")
-    sampler = args.sampler or default_sampler(loaded.process)
-    (out / "sample_config.json").write_text(json.dumps({**vars(args), "process": loaded.process, "sampler": sampler,
-                                                        "steps": args.steps or default_steps(sampler),
+    (out / "sample_config.json").write_text(json.dumps({**vars(args), "process": loaded.process,
                                                         "weights": loaded.weights, "num_images": len(arr)}, indent=2))
     print(f"wrote {str(grid) + ' and ' if grid else ''}{npz} ({len(arr)} images, uint8 NHWC)")
     return 0
@@ -202,13 +219,12 @@ def _analyze(args: argparse.Namespace) -> int:
     if not cfg.is_moe:
         raise ValueError(f"{loaded.source} is a dense model: there are no experts to analyse")
     labels = torch.arange(cfg.num_classes).repeat_interleave(args.per_class)
-    sampler = args.sampler or default_sampler(loaded.process)
-    steps = args.steps or default_steps(sampler)
+    sampler, steps = args.sampler, args.steps
     # Heun evaluates the model twice per step; its callback numbering covers both evaluations.
     num_steps = steps * 2 if sampler == "heun" else steps
     out.mkdir(parents=True, exist_ok=True)
     print(f"analysing routing of {loaded.source}: {len(labels)} images ({args.per_class} per class), "
-          f"{sampler} {steps} steps, cfg {args.cfg_scale}")
+          f"{sampler} {steps} steps, cfg {args.cfg_scale} ({args.sampling_source})")
     with RoutingRecorder(model, num_steps, cfg.num_classes) as rec:
         generate(model, loaded.process, labels, sampler=sampler, steps=steps, cfg_scale=args.cfg_scale,
                  cfg_channels=_cfg_channels(args.cfg_channels), seed=args.seed, batch_size=args.batch_size,

@@ -277,7 +277,7 @@ def extract_latents(
             labels[rows] = y.numpy()
         from safetensors.numpy import save_file
 
-        from ..convert import atomic_write
+        from ..weights_io import atomic_write
 
         tensors = {"labels": labels, "mean": mean_all, "logvar": logvar_all}
         atomic_write(chunk_path(k), lambda tmp: save_file(tensors, tmp, metadata={"settings": key}))

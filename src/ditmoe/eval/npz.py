@@ -26,7 +26,7 @@ PathLike = Union[str, Path]
 
 
 def _atomic_savez(path: PathLike, arrays: dict[str, np.ndarray]) -> Path:
-    from ..convert import atomic_write
+    from ..weights_io import atomic_write
 
     def write(tmp: str) -> None:
         with open(tmp, "wb") as f:  # a file object stops numpy from appending ".npz" to the name

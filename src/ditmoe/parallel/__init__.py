@@ -11,12 +11,15 @@ Layouts, applied from outside by `wrap_model(model, mode, dist, ep_size)`:
 
 Modules: `data` (wrapping, gradient sync, EMA layout, clipping), `expert` (the expert-parallel
 layer, its all-to-all and state conversion), `state` (full state dicts under every layout),
+`sharded` (sharded checkpoints: every rank writes and reads its own shards through
+torch.distributed.checkpoint), `dcp_files` (a sharded checkpoint's folder, read in one process),
 `launch` (run a function in N local processes, as torchrun would: tests, benchmarks),
 `balance` (the balance loss over all processes, attached to the routers from outside, and the sum
 over processes the stateful routers' updates use).
 docs/scaling.md says which layout to use and how to launch it.
-Checkpoints always hold full single-process state dicts, so one saved under any layout loads
-under any other, single-process included.
+Checkpoints hold single-process state: full state dicts in a file, or in a sharded folder every
+tensor as its global tensor under its single-process name; either kind saved under any layout
+loads under any other, single-process included.
 """
 
 from __future__ import annotations

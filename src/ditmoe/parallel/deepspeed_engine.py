@@ -1,4 +1,5 @@
-"""DeepSpeed ZeRO-2 / ZeRO-3 as an optional training engine (`ditmoe train --parallel zero2|zero3`).
+"""DeepSpeed ZeRO-2 / ZeRO-3 as an optional training engine (`ditmoe train --parallel zero2|zero3`):
+`DeepSpeedEngine`, the trainer's `train.engine.Engine` for these layouts.
 
 `deepspeed` is imported here only, and only when one of these layouts is chosen
 (`pip install 'ditmoe[deepspeed]'`). The rest of the trainer stays the same: data order, loss,
@@ -19,6 +20,7 @@ A user's DeepSpeed JSON (`--deepspeed-config`) is merged over the generated one.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -156,7 +158,8 @@ def _trainable(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
 class ShardedEMA:
     """EMA over this rank's fp32 partitions: the same per-element update as `train.ema.EMA`.
 
-    Frozen parameters and buffers never change, so their EMA is the live value. Reading or
+    Frozen parameters never change, so their EMA is the live value; so are the buffers, which is
+    what the routers' state (topk_bias's bias, thresholds) needs: copied, not averaged. Reading or
     writing full tensors swaps the EMA into the master partitions for a moment and lets
     DeepSpeed's own gather / scatter do the layout (collective: every rank calls it).
     """
@@ -201,8 +204,6 @@ class ShardedEMA:
 # ------------------------------------------------------------------------- full states
 def _gathered(engine: Any, params: list[nn.Parameter]):
     """Context that makes ZeRO-3 partitioned parameters whole (a no-op under ZeRO-2)."""
-    import contextlib
-
     if engine.zero_optimization_stage() == 3:
         import deepspeed
 
@@ -330,17 +331,21 @@ def full_gradients(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 # ------------------------------------------------------------------------- the engine
-class DeepSpeedTraining:
-    """The trainer's optimizer, EMA and backward under a DeepSpeed ZeRO engine.
+class DeepSpeedEngine:
+    """The trainer's `train.engine.Engine` under a DeepSpeed ZeRO engine (`self.engine`).
 
     DeepSpeed counts micro-steps itself: every backward is followed by `engine.step()`, which
-    steps the optimizer only at the accumulation boundary. The loss is not divided by the
-    accumulation count here: DeepSpeed does that.
+    steps the optimizer (clipping and fp16 loss scaling included) only at the accumulation
+    boundary. The loss is not divided by the accumulation count here: DeepSpeed does that.
     """
 
     def __init__(self, model: nn.Module, cfg: Any, device: torch.device, micro_batch: int, accum: int,
-                 world: int, precision: str):
+                 world: int, precision: str, resume: dict[str, Any] | None = None):
         self.deepspeed = import_deepspeed(device.type)
+        if resume is not None:  # the engine copies its fp32 masters from the module's weights
+            from ..weights_io import load_into
+
+            load_into(model, resume["model"])
         stage = int(cfg.parallel[-1])
         ds_cfg = deepspeed_config(stage, micro_batch=micro_batch, accum=accum, world=world, lr=cfg.lr,
                                   betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay,
@@ -350,14 +355,24 @@ class DeepSpeedTraining:
             ds_cfg = merge_config(ds_cfg, load_user_config(cfg.deepspeed_config))
         self.hyper = {"lr": cfg.lr, "betas": (cfg.adam_beta1, cfg.adam_beta2), "eps": 1e-8,
                       "weight_decay": cfg.weight_decay}
+        self.model = model
         self.engine, self.optimizer, _, _ = self.deepspeed.initialize(
             model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=ds_cfg)
+        self.train_model = self.engine
         self.ema = ShardedEMA(self.engine, cfg.ema_decay, cfg.ema_warmup)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=False)  # DeepSpeed scales fp16 itself
+        if resume is not None:
+            self.ema.load_full_state(resume["ema"])
+            load_full_optimizer_state(self.engine, resume["optimizer"])
 
-    def backward(self, loss: torch.Tensor, boundary: bool) -> None:
-        """Backward of one micro-batch; `boundary` marks the last of the global batch."""
+    def micro_batch(self, last: bool):
+        """DeepSpeed reduces the gradients itself at the boundary: nothing to do around a micro-batch."""
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor, count: int, last: bool) -> None:
+        """Backward of one micro-batch's loss (DeepSpeed divides by the count); `last` marks the boundary."""
         self.engine.backward(loss)
-        if not boundary:
+        if not last:
             self.engine.step()  # bookkeeping only: DeepSpeed steps at the boundary
 
     def step(self) -> torch.Tensor | None:
@@ -369,14 +384,17 @@ class DeepSpeedTraining:
     def full_model_state(self) -> dict[str, torch.Tensor]:
         return full_model_state(self.engine)
 
+    def full_ema_state(self) -> dict[str, torch.Tensor]:
+        return self.ema.full_state()
+
     def full_optimizer_state(self) -> dict[str, Any]:
         hyper = {**self.hyper, "lr": self.optimizer.param_groups[0]["lr"]}
         return full_optimizer_state(self.engine, hyper)
 
-    def load_optimizer_state(self, sd: dict[str, Any]) -> None:
-        load_full_optimizer_state(self.engine, sd)
+    def whole_ema_model(self) -> nn.Module | None:
+        return None  # the EMA lives in each rank's fp32 partitions
 
 
-__all__ = ["DEEPSPEED_MODES", "DeepSpeedTraining", "ShardedEMA", "deepspeed_config", "merge_config",
+__all__ = ["DEEPSPEED_MODES", "DeepSpeedEngine", "ShardedEMA", "deepspeed_config", "merge_config",
            "load_user_config", "import_deepspeed", "full_model_state", "full_optimizer_state",
            "load_full_optimizer_state", "full_gradients", "is_deepspeed_model", "set_master_weights"]

@@ -271,7 +271,7 @@ def shard_expert_state(model: nn.Module, full: dict[str, torch.Tensor]) -> dict[
 
 def load_expert_parallel_state(model: nn.Module, full: dict[str, torch.Tensor]) -> None:
     """Load a full single-process state dict into an expert-parallel model (each rank its slice)."""
-    from ..convert import load_into
+    from ..weights_io import load_into
 
     load_into(model, shard_expert_state(model, full))
 

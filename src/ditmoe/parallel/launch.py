@@ -35,8 +35,9 @@ def _entry(rank: int, world: int, port: int, fn: Callable[..., Any], args: tuple
     # Done, and the group destroyed: leave without the interpreter's teardown. In it, native
     # threads that library objects (gloo, DeepSpeed) still own can be destroyed unjoined, which
     # aborts a process whose work has finished ("terminate called without an active
-    # exception"; twice in about 50 runs of tests/test_deepspeed.py's ZeRO resume test). An
-    # exception in `fn` still takes the normal way out, so `spawn` reports it.
+    # exception"; twice in about 50 runs of the ZeRO resume test of
+    # tests/test_parallel_deepspeed_engine.py). An exception in `fn` still takes the normal way
+    # out, so `spawn` reports it.
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)

@@ -57,7 +57,7 @@ def load_full_model_state(model: nn.Module, sd: dict[str, torch.Tensor], mode: s
 
         set_model_state_dict(model, sd, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=False))
         return
-    from ..convert import load_into
+    from ..weights_io import load_into
 
     load_into(model, sd)
 

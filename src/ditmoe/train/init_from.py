@@ -76,13 +76,24 @@ def check_init_from(init_from: str, weights: str, out: Path | None = None, overw
 def read_init_source(init_from: str, weights: str = "ema", out: Path | None = None,
                      overwrite: bool = False) -> InitSource:
     """Read the weights of an --init-from file (any checkpoint `ditmoe.convert.load_model` reads)."""
-    from ..convert import (_PASS_INSTEAD, infer_config, official_to_package, read_safetensors, read_state_dict,
-                           torch_load_weights_only)
+    from ..convert import read_state_dict
+    from ..weights_io import (_PASS_INSTEAD, infer_config, official_to_package, read_safetensors,
+                              torch_load_weights_only)
+
+    from .checkpoint import is_sharded
 
     path = check_init_from(init_from, weights, out, overwrite)
     config: ModelConfig | None = None
     recorded, process = False, None
-    if path.suffix == ".safetensors":
+    if path.is_dir() and is_sharded(path):  # RUN/checkpoints/step_N.dcp: the asked-for weights, assembled here
+        from ..parallel.dcp_files import read_full, read_side_file
+
+        side = read_side_file(path)
+        config, recorded = ModelConfig.from_json(side["model_config"]), True
+        sd = read_full(path, weights)
+        kind = f"a ditmoe sharded training checkpoint (step {side.get('step', '?')}, {weights} weights)"
+        process = json.loads(side["train_config"]).get("process")
+    elif path.suffix == ".safetensors":
         sd, meta = read_safetensors(path)
         if meta.get("process") in ("flow", "ddpm"):
             process = meta["process"]

@@ -13,6 +13,7 @@ exactly where the run stopped.
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -25,8 +26,10 @@ from ..config import STATEFUL_ROUTERS, ModelConfig, TrainConfig
 from .. import kernels
 from ..devices import resolve_device
 from ..registry import create_model, get_config
-from .checkpoint import list_checkpoints, load_checkpoint, resolve_resume, rng_state, save_checkpoint, set_rng_state
-from .ema import EMA
+from .checkpoint import (STATE_BYTES_PER_PARAM, choose_format, is_sharded, list_checkpoints, load_checkpoint,
+                         read_sharded_header, resolve_resume, rng_state, save_checkpoint, save_sharded_checkpoint,
+                         set_rng_state)
+from .engine import Engine, build_engine
 from .progress import ExpertLoadTracker, Progress, RunLogger
 from .rundir import RunLock, check_fresh_run, clean_temp_files, clear_run, prepare_out_dir
 
@@ -130,16 +133,18 @@ def choose_precision(precision: str, device: torch.device, model_cfg: ModelConfi
     return resolve_precision(precision, device, model_cfg, sync_ranks=True)
 
 
-def build_optimizer(params: Any, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW, with torch's fused kernel where the parameters are plain tensors on a CPU or GPU.
-
-    The fused step reads and writes each tensor once instead of once per elementwise op: on a
-    2-core CPU it stepped DiT-MoE-S/2's 199M parameters about 7 times faster than the default
-    loop. FSDP and expert parallelism hold DTensor / resharded parameters: they keep the default.
-    """
-    fused = device.type in ("cpu", "cuda") and cfg.parallel in ("none", "ddp")
-    return torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                             weight_decay=cfg.weight_decay, **({"fused": True} if fused else {}))
+def lr_at(cfg: TrainConfig, step: int) -> float:
+    """The learning rate of optimizer step `step` (0-based): linear warm-up, then constant, or a
+    decay that reaches cfg.lr_final at the last step (cfg.steps - 1)."""
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.lr_decay == "none":
+        return cfg.lr
+    span = max(1, round(cfg.lr_decay_fraction * (cfg.steps - cfg.warmup_steps)))
+    frac = min(1.0, max(0.0, (step - (cfg.steps - 1 - span)) / span))  # 0 before the decay, 1 at the last step
+    if cfg.lr_decay == "cosine":
+        frac = 0.5 * (1 - math.cos(math.pi * frac))
+    return cfg.lr + (cfg.lr_final - cfg.lr) * frac
 
 
 def build_process(cfg: TrainConfig, model_cfg: ModelConfig):
@@ -246,16 +251,14 @@ class Trainer:
         self.model.gradient_checkpointing = cfg.grad_checkpointing
         self.autocast_dtype = choose_precision(cfg.precision, self.dist.device, self.model_cfg)
         self.num_parameters = sum(p.numel() for p in self.model.parameters())  # before any sharding
+        self.checkpoint_format = choose_format(cfg.checkpoint_format, cfg.parallel, self.dist.world,
+                                               STATE_BYTES_PER_PARAM * self.num_parameters, cfg.sharded_above_gb)
         self.step = 0
         # Per-rank noise stream, checkpointed with the rest of the RNG state.
         self.noise_gen = torch.Generator(self.dist.device).manual_seed(cfg.seed * 7919 + self.dist.rank + 1)
-        from ..parallel.deepspeed_engine import DEEPSPEED_MODES
-
-        self.deepspeed = None
-        if cfg.parallel in DEEPSPEED_MODES:
-            self._build_deepspeed(resume_state)
-        else:
-            self._build_torch(resume_state)
+        # Layout, optimizer, loss scaling and EMA: PyTorch's or DeepSpeed's (train/engine.py).
+        self.engine: Engine = build_engine(self.model, cfg, self.dist, micro, self.accum, self.autocast_dtype,
+                                           resume_state)
         if cfg.balance_scope == "global" and self.dist.world > 1:
             from torch.distributed import group as process_groups
 
@@ -285,69 +288,42 @@ class Trainer:
             self.lock.release()
             self.lock = None
 
-    def _build_torch(self, resume_state: dict[str, Any] | None) -> None:
-        """Model layout, AdamW, EMA and (fp16) loss scaler from PyTorch's own engines."""
-        cfg = self.cfg
-        from ..parallel import load_full_model_state, load_full_optimizer_state, shard_ema, wrap_model
+    # The engine's parts the loop reaches: the module the loss runs through, the optimizer (its
+    # param_groups take the scheduled lr), the EMA, and the fp16 loss scaler (replaceable, e.g. by
+    # one with another initial scale).
+    @property
+    def train_model(self) -> torch.nn.Module:
+        return self.engine.train_model
 
-        self.ema = EMA(self.model, cfg.ema_decay, warmup=cfg.ema_warmup)
-        self.train_model = wrap_model(self.model, cfg.parallel, self.dist, ep_size=cfg.ep_size,
-                                      param_dtype=self.autocast_dtype)
-        shard_ema(self.ema.model, self.model, cfg.parallel)  # each rank keeps the EMA of its own shard
-        if cfg.compile:
-            self.train_model = torch.compile(self.train_model)
-        self.optimizer = build_optimizer(self.model.parameters(), cfg, self.dist.device)
-        # Loss scaling only matters for fp16; for bf16 / fp32 the scaler is a pass-through.
-        self.scaler = torch.amp.GradScaler(self.dist.device.type, enabled=self.autocast_dtype == torch.float16)
-        if resume_state is not None:
-            load_full_model_state(self.model, resume_state["model"], cfg.parallel)
-            load_full_model_state(self.ema.model, resume_state["ema"], cfg.parallel)
-            load_full_optimizer_state(self.model, self.optimizer, resume_state["optimizer"], cfg.parallel)
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        return self.engine.optimizer
 
-    def _build_deepspeed(self, resume_state: dict[str, Any] | None) -> None:
-        """ZeRO-2 / ZeRO-3: DeepSpeed owns the optimizer, the loss scaling and the gradient reduction."""
-        from ..convert import load_into
-        from ..parallel.deepspeed_engine import DeepSpeedTraining
+    @property
+    def ema(self) -> Any:
+        return self.engine.ema
 
-        if resume_state is not None:  # the engine copies its fp32 masters from the module's weights
-            load_into(self.model, resume_state["model"])
-        precision = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.autocast_dtype]
-        self.deepspeed = DeepSpeedTraining(self.model, self.cfg, self.dist.device, self.micro_batch, self.accum,
-                                           self.dist.world, precision)
-        self.train_model = self.deepspeed.engine
-        self.optimizer = self.deepspeed.optimizer  # its param_groups take the scheduled lr
-        self.ema = self.deepspeed.ema
-        self.scaler = torch.amp.GradScaler(self.dist.device.type, enabled=False)  # DeepSpeed scales fp16
-        if resume_state is not None:
-            self.ema.load_full_state(resume_state["ema"])
-            self.deepspeed.load_optimizer_state(resume_state["optimizer"])
+    @property
+    def scaler(self) -> torch.amp.GradScaler:
+        return self.engine.scaler
+
+    @scaler.setter
+    def scaler(self, scaler: torch.amp.GradScaler) -> None:
+        self.engine.scaler = scaler
 
     # ------------------------------------------------------------------ checkpoints
     def _full_states(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Any]]:
         """Single-process model, EMA and optimizer state dicts (collective under sharded layouts)."""
-        if self.deepspeed is not None:
-            return self.deepspeed.full_model_state(), self.full_ema_state(), self.deepspeed.full_optimizer_state()
-        from ..parallel import full_model_state, full_optimizer_state
-
-        return (full_model_state(self.model, self.cfg.parallel), self.full_ema_state(),
-                full_optimizer_state(self.model, self.optimizer, self.cfg.parallel))
+        return self.engine.full_model_state(), self.full_ema_state(), self.engine.full_optimizer_state()
 
     def full_ema_state(self) -> dict[str, torch.Tensor]:
-        if self.deepspeed is not None:
-            return self.ema.full_state()
-        from ..parallel import full_model_state
+        return self.engine.full_ema_state()
 
-        return full_model_state(self.ema.model, self.cfg.parallel)
-
-    def _state(self) -> dict[str, Any]:
-        model, ema, optimizer = self._full_states()
+    def _progress_state(self) -> dict[str, Any]:
+        """Everything of a checkpoint but the tensor state: step, RNG streams, data position, configs."""
         return {
-            "format": "ditmoe-train",
             "step": self.step,
-            "model": model,
-            "ema": ema,
             "weights_note": "'ema' holds the exponential moving average (decay %g); results use it" % self.cfg.ema_decay,
-            "optimizer": optimizer,
             "rng": rng_state(),
             "noise_gen": self.noise_gen.get_state(),
             "data_position": {"step": self.step, "seed": self.cfg.seed, "global_batch": self.cfg.global_batch},
@@ -355,12 +331,22 @@ class Trainer:
             "model_config": self.model_cfg.to_json(),
         }
 
+    def _state(self) -> dict[str, Any]:
+        model, ema, optimizer = self._full_states()
+        return {"format": "ditmoe-train", "model": model, "ema": ema, "optimizer": optimizer, **self._progress_state()}
+
     def save(self) -> Path | None:
-        state = self._state()  # collective under FSDP: every rank takes part
-        if not self.dist.is_main:
-            return None
-        previous = list_checkpoints(self.out)
+        """Write a checkpoint of the current step (collective: every rank calls it); rank 0 gets its path."""
+        previous = list_checkpoints(self.out) if self.dist.is_main else []
         try:
+            if self.checkpoint_format == "sharded":
+                side = {**self._progress_state(), "world_size": self.dist.world, "parallel": self.cfg.parallel}
+                per_rank = {"rng": side.pop("rng"), "noise_gen": side.pop("noise_gen")}  # this rank's streams
+                return save_sharded_checkpoint(self.out, self.step, self.model, self.ema.model, self.optimizer, side,
+                                               per_rank, self.cfg.keep_last)
+            state = self._state()  # collective under FSDP: every rank takes part
+            if not self.dist.is_main:
+                return None
             return save_checkpoint(self.out, self.step, state, self.cfg.keep_last)
         except (OSError, RuntimeError) as e:  # torch.save reports a failed write (full disk) as RuntimeError
             keep = f"; the previous checkpoint {previous[-1]} is intact" if previous else ""
@@ -379,8 +365,15 @@ class Trainer:
             if self.cfg.resume == "auto" and self.dist.is_main:
                 print(f"--resume auto: no checkpoint in {self.out / 'checkpoints'}; starting a new run at step 0")
             return None
-        state = load_checkpoint(path)
-        state["_path"] = path
+        sharded = is_sharded(path)
+        if sharded and self.cfg.parallel in ("zero2", "zero3"):
+            raise ValueError(f"{path} is a sharded checkpoint, which the DeepSpeed layouts do not read; resume it with "
+                             f"--parallel fsdp (or ep / ep_fsdp / none), or turn it into a file first with "
+                             f"`ditmoe convert` (weights only) ")
+        # A sharded checkpoint: only its side file here; every rank reads its shards once the
+        # model has its layout (_build_torch).
+        state = read_sharded_header(path) if sharded else load_checkpoint(path)
+        state["_path"], state["_sharded"] = path, sharded
         saved_train = json.loads(state["train_config"])
         for key in ("process", "data", "global_batch", "seed"):
             if saved_train.get(key) != getattr(self.cfg, key):
@@ -402,7 +395,11 @@ class Trainer:
         """Step, RNG streams and data position of a checkpoint whose weights are already loaded."""
         path = state["_path"]
         self.step = int(state["step"])
-        if self.dist.world == 1:  # per-rank streams differ; a changed world size re-seeds them
+        per_rank = state.get("rng_per_rank")
+        if per_rank is not None and len(per_rank) == self.dist.world:  # sharded: every rank's own streams
+            set_rng_state(per_rank[self.dist.rank])
+            self.noise_gen.set_state(state["noise_gen_per_rank"][self.dist.rank])
+        elif self.dist.world == 1:  # per-rank streams differ; a changed world size re-seeds them
             set_rng_state(state["rng"])
             self.noise_gen.set_state(state["noise_gen"])
         else:
@@ -439,44 +436,28 @@ class Trainer:
     def accumulate(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
         """Forward and backward over one global batch's micro-batches; returns the mean terms.
 
-        Each micro-batch loss (diffusion + balance) is divided by the accumulation count before
-        the (optional fp16) loss scaling, so gradients equal those of one big batch.
+        Each micro-batch loss (diffusion + balance) goes to the engine's backward, which divides
+        it by the accumulation count before any (fp16) loss scaling, so gradients equal those of
+        one big batch.
         """
-        from ..parallel import no_sync_if
-
         totals: dict[str, torch.Tensor] = {}
+        count = len(micro_batches)
         for micro, (x, y) in enumerate(micro_batches):
             x, y = x.to(self.dist.device, non_blocking=True), y.to(self.dist.device, non_blocking=True)
-            if self.deepspeed is not None:  # DeepSpeed divides by the accumulation count and scales fp16
+            last = micro == count - 1
+            with self.engine.micro_batch(last):
                 terms = self.loss_terms(x, y)
-                self.deepspeed.backward(terms["loss"], boundary=micro == len(micro_batches) - 1)
-                for k, v in terms.items():
-                    totals[k] = totals.get(k, 0.0) + v.detach() / len(micro_batches)
-                continue
-            with no_sync_if(self.train_model, micro < len(micro_batches) - 1):
-                terms = self.loss_terms(x, y)
-                self.scaler.scale(terms["loss"] / len(micro_batches)).backward()
+                self.engine.backward(terms["loss"], count, last)
             for k, v in terms.items():
                 totals[k] = totals.get(k, 0.0) + v.detach() / len(micro_batches)
         return totals
 
     def optimizer_step(self) -> torch.Tensor | None:
-        """Unscale, clip, step the optimizer and the EMA once per global batch."""
-        if self.deepspeed is not None:  # clipping and loss scaling happen inside the engine's step
-            grad_norm = self.deepspeed.step()
-            self.update_routers()  # the sharded EMA reads buffers from the live model: copied, not averaged
-            self.ema.update(self.model, self.step)
-            return grad_norm
-        self.scaler.unscale_(self.optimizer)
-        grad_norm = None
-        if self.cfg.grad_clip > 0:
-            from ..parallel import clip_grad_norm_
-
-            grad_norm = clip_grad_norm_(self.model, self.cfg.grad_clip)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.update_routers()  # before the EMA: it copies the routers' new state
+        """Unscale, clip, step the optimizer (the engine) and the EMA once per global batch."""
+        grad_norm = self.engine.step()
+        # Before the EMA, which copies the routers' new state (DeepSpeed's sharded EMA reads the
+        # live buffers).
+        self.update_routers()
         self.ema.update(self.model, self.step)
         return grad_norm
 
@@ -496,9 +477,7 @@ class Trainer:
         update_routers(self.model, reduce)
 
     def _lr_at(self, step: int) -> float:
-        if self.cfg.warmup_steps and step < self.cfg.warmup_steps:
-            return self.cfg.lr * (step + 1) / self.cfg.warmup_steps
-        return self.cfg.lr
+        return lr_at(self.cfg, step)
 
     # ------------------------------------------------------------------ previews
     def _preview_writer(self):
@@ -508,20 +487,22 @@ class Trainer:
         from .previews import PreviewWriter, latent_decoder
 
         decode = latent_decoder(self.data_info, self.dist.device) if self.data_info.is_latent else None
-        return PreviewWriter(self.out, self.cfg.process, self.model_cfg.num_classes, self.autocast_dtype, decode)
+        return PreviewWriter(self.out, self.cfg.process, self.model_cfg.num_classes, self.autocast_dtype,
+                             self.cfg.sampling(), decode)
 
     def _write_preview(self, previews, logger: RunLogger) -> None:
         """One preview grid from the EMA weights, written by rank 0.
 
-        Under "none" / "ddp" rank 0 holds the whole EMA model and samples it; the sharded layouts
+        Where rank 0 holds the whole EMA model ("none" / "ddp") it samples it; the sharded layouts
         first gather the EMA state (a collective: every rank takes part) into a plain model kept on
         rank 0 for the next previews. Its creation and the sampling run inside the preview's RNG guard.
         """
         from .previews import preserved_rng
 
-        if self.deepspeed is None and self.cfg.parallel in ("none", "ddp"):
+        whole = self.engine.whole_ema_model()
+        if whole is not None:
             if self.dist.is_main:
-                previews.write(self.ema.model, self.step, logger)
+                previews.write(whole, self.step, logger)
             return
         state = self.full_ema_state()
         if not self.dist.is_main:
@@ -618,7 +599,8 @@ class Trainer:
             logger.close()
             try:
                 save_model(ema_state, self.out / "model_ema.safetensors", config=self.model_cfg,
-                           extra_meta={"weights": "ema", "process": cfg.process})
+                           extra_meta={"weights": "ema", "process": cfg.process,
+                                       "sampling": json.dumps(cfg.sampling())})
             except (OSError, RuntimeError) as e:
                 raise RuntimeError(f"writing {self.out / 'model_ema.safetensors'} failed ({_short_error(e)}); the "
                                    f"checkpoint {ckpt} holds the same EMA weights. Free disk space and rerun with "
@@ -636,7 +618,7 @@ class Trainer:
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
-    from ..convert import atomic_write
+    from ..weights_io import atomic_write
 
     atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=2)))
 

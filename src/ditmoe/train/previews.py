@@ -18,8 +18,7 @@ import numpy as np
 import torch
 
 PREVIEW_SEED = 1234  # fixed: every preview of every run starts from the same noise
-PREVIEW_STEPS = 25  # sampler steps: enough for a recognisable grid, a fraction of a full sample's cost
-PREVIEW_CFG = 2.0  # the quickstart's guidance scale
+PREVIEW_STEPS = 25  # at most this many sampler steps: enough for a recognisable grid, a fraction of a full sample's cost
 MAX_IMAGES = 16
 
 
@@ -63,17 +62,16 @@ def precision_name(autocast_dtype: torch.dtype | None) -> str:
 class PreviewWriter:
     """Writes OUT/previews/step_XXXXXXX.png (and the image to the run's logger) from a model.
 
+    `sampling`: the run's recorded {"sampler", "steps", "cfg_scale"} (TrainConfig.sampling()); the
+    previews use its sampler and guidance with at most PREVIEW_STEPS steps.
     `decode`: latents -> images in [-1, 1] for a model trained on a latent cache (None for pixels).
     """
 
     def __init__(self, out: Path, process: str, num_classes: int, autocast_dtype: torch.dtype | None,
-                 decode: Callable[[torch.Tensor], torch.Tensor] | None = None, steps: int = PREVIEW_STEPS,
-                 cfg_scale: float = PREVIEW_CFG):
-        from ..config import default_sampler
-
+                 sampling: dict[str, Any], decode: Callable[[torch.Tensor], torch.Tensor] | None = None):
         self.out, self.process, self.decode = Path(out), process, decode
-        self.sampler = default_sampler(process)  # euler (flow), ddpm
-        self.steps, self.cfg_scale = steps, cfg_scale
+        self.sampler, self.cfg_scale = sampling["sampler"], sampling["cfg_scale"]
+        self.steps = min(sampling["steps"], PREVIEW_STEPS)
         self.labels = preview_labels(num_classes)
         self.precision = precision_name(autocast_dtype)
         self.seconds: list[float] = []
@@ -123,4 +121,4 @@ def latent_decoder(data_info: Any, device: torch.device) -> Callable[[torch.Tens
 
 
 __all__ = ["PreviewWriter", "preview_labels", "preview_path", "preserved_rng", "latent_decoder", "PREVIEW_SEED",
-           "PREVIEW_STEPS", "PREVIEW_CFG"]
+           "PREVIEW_STEPS"]

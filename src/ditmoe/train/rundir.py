@@ -21,10 +21,12 @@ LOCK_NAME = ".lock"
 # What a training run writes into its folder; `--overwrite true` deletes these and nothing else.
 RUN_FILES = ("config.json", "metrics.csv", "expert_load.csv", "train_summary.json",
              "model_ema.safetensors", "model_ema.json")
-_CHECKPOINT = re.compile(r"^step_\d+\.pt$")
-# Temporary files of `convert.atomic_write` (".NAME.RANDOM.tmp") for the files a run writes.
+_CHECKPOINT = re.compile(r"^step_\d+(\.pt|\.dcp)$")  # a file, or the folder of a sharded checkpoint
+# Temporary files of `weights_io.atomic_write` (".NAME.RANDOM.tmp") for the files a run writes.
 _TEMP = re.compile(r"^\.(step_\d+\.pt|config\.json|train_summary\.json|model_ema\.safetensors|model_ema\.json|"
                    r"metrics\.csv|expert_load\.csv)\..*\.tmp$")
+# Folders of sharded checkpoints being written (".step_N.dcp.tmp") or replaced (".step_N.dcp.old.tmp").
+_TEMP_DIR = re.compile(r"^\.step_\d+\.dcp\.(old\.)?tmp$")
 
 
 def prepare_out_dir(out: Path) -> None:
@@ -144,7 +146,10 @@ def clear_run(out: Path) -> int:
     ckpt = out / "checkpoints"
     if ckpt.is_dir():
         for p in ckpt.iterdir():
-            if _CHECKPOINT.match(p.name) or _TEMP.match(p.name):
+            if p.is_dir() and (_CHECKPOINT.match(p.name) or _TEMP_DIR.match(p.name)):
+                shutil.rmtree(p)
+                removed += 1
+            elif _CHECKPOINT.match(p.name) or _TEMP.match(p.name):
                 p.unlink(missing_ok=True)
                 removed += 1
         if not any(ckpt.iterdir()):
@@ -166,7 +171,8 @@ def clear_run(out: Path) -> int:
 
 
 def clean_temp_files(out: Path) -> int:
-    """Remove temporary files that an interrupted atomic write left in `out` and OUT/checkpoints.
+    """Remove temporary files that an interrupted atomic write left in `out` and OUT/checkpoints,
+    and the temporary folders of interrupted sharded checkpoint writes.
 
     Called while holding the folder's lock, so no live writer owns them.
     """
@@ -176,6 +182,9 @@ def clean_temp_files(out: Path) -> int:
             for p in d.iterdir():
                 if _TEMP.match(p.name) and p.is_file():
                     p.unlink(missing_ok=True)
+                    removed += 1
+                elif d.name == "checkpoints" and _TEMP_DIR.match(p.name) and p.is_dir():
+                    shutil.rmtree(p, ignore_errors=True)
                     removed += 1
     return removed
 

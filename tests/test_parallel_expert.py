@@ -6,7 +6,7 @@ planted routing that leaves some experts, and all of one rank's experts, without
 (b) the trainer with `parallel="ep"` / `"ep_fsdp"` for 2 steps. The tests then compare, in this
 process, with the single-process model: outputs, balance losses, every gradient (dense gradients
 summed over ranks, each rank's expert gradients against its slice), the full state round trip,
-and the trainer's gradients, weights, EMA, optimizer state and checkpoint (see test_distributed).
+and the trainer's gradients, weights, EMA, optimizer state and checkpoint (see test_parallel).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from ditmoe.config import ModelConfig
 from ditmoe.models.dit import DiT
 from ditmoe.parallel.launch import spawn_local
 from ditmoe.registry import get_config
-from test_distributed import (FORWARD_CHAIN, GLOBAL_BATCH, GRAD_K, References, check_against_reference, model_overrides,
+from test_parallel import (FORWARD_CHAIN, GLOBAL_BATCH, GRAD_K, References, check_against_reference, model_overrides,
                               train_worker)
 from tolerances import assert_close_fp32
 
@@ -127,7 +127,9 @@ TRAINER_RUNS = {
     4: [("ep", {"parallel": "ep"}),  # ep = world = 4
         # dp 2 x ep 2, dense weights by DDP, 2 micro-batches per process (the first without sync)
         ("ep2_ddp_accum", {"parallel": "ep", "ep_size": 2, "micro_batch": GLOBAL_BATCH // 8}),
-        ("ep2_fsdp", {"parallel": "ep_fsdp", "ep_size": 2})],  # dp 2 x ep 2, dense weights by FSDP2
+        # dp 2 x ep 2, dense weights by FSDP2; a sharded checkpoint (each expert slice FSDP-sharded
+        # over its dp pair: test_parallel_sharded), read whole and resumed in one process below
+        ("ep2_fsdp", {"parallel": "ep_fsdp", "ep_size": 2, "checkpoint_format": "sharded"})],
 }
 
 
@@ -158,7 +160,7 @@ def test_layer_outputs_and_gradients_match_single_process(ep_run):
             ref.blocks[0].moe.observer = None
         # Each rank's experts run the rows of all ranks in one product, the reference those of one
         # rank at a time: the same sums in other orders, norm-relative within the debug DiT's fp32
-        # chains (test_distributed: FORWARD_CHAIN for outputs and balance losses, twice that for
+        # chains (test_parallel: FORWARD_CHAIN for outputs and balance losses, twice that for
         # gradients; tolerances.py).
         for r, rec in enumerate(records):
             assert_close_fp32(rec[scenario]["out"], ref_out[r]["out"], GRAD_K, FORWARD_CHAIN, f"{scenario} out rank {r}")

@@ -1,6 +1,6 @@
 """The DeepSpeed ZeRO-2 / ZeRO-3 engine on 2 CPU processes (gloo) against single-process references.
 
-Same harness as tests/test_distributed.py: noise and times are functions of the batch, and the
+Same harness as tests/test_parallel.py: noise and times are functions of the batch, and the
 single-process reference accumulates over the ranks' micro-batches (the balance loss is per
 process). Checked: the data shards, the first step's reduced gradients, weights, EMA and AdamW
 state after 2 steps (from the checkpoint, in the single-process format), resuming that checkpoint
@@ -21,7 +21,7 @@ import torch
 
 pytest.importorskip("deepspeed")
 
-from test_distributed import (GLOBAL_BATCH, STEPS, WORLD, assert_optimizer_close, assert_state_close,  # noqa: E402
+from test_parallel import (GLOBAL_BATCH, STEPS, WORLD, assert_optimizer_close, assert_state_close,  # noqa: E402
                               check_against_reference, instrument, model_overrides, reference_run, tolerances_of,
                               train_config)
 

@@ -5,7 +5,7 @@ Each process's micro-batch is one micro-batch of a single-process run that accum
 the routers' statistics are per micro-batch (race's pool, topk_bias's load counts), so that run is
 the reference; the bias must come from the load of the whole global batch (both processes), the
 race threshold from the cut-offs of both. Noise and times are functions of the batch and label
-dropout is off, as in test_distributed.py.
+dropout is off, as in test_parallel.py.
 """
 
 from __future__ import annotations
@@ -16,10 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from ditmoe.parallel import full_model_state
 from ditmoe.parallel.launch import spawn_local
 from ditmoe.train.loop import Trainer
-from test_distributed import GLOBAL_BATCH, WORLD, instrument, train_config
+from test_parallel import GLOBAL_BATCH, WORLD, instrument, train_config
 from tolerances import TINY_DIT_CHAIN, TINY_DIT_K, fp32_tol, rel_err
 
 ROUTERS = ("topk_bias", "race", "expert_choice", "token_pool", "prototype")
@@ -47,8 +46,7 @@ def worker(rank: int, world: int, root: str) -> None:
             instrument(tr)
             fixed_dropout(tr)
             tr.run()
-            model = tr.deepspeed.full_model_state() if tr.deepspeed is not None else full_model_state(tr.model, layout)
-            ema = tr.full_ema_state()  # collectives (FSDP, ZeRO)
+            model, ema = tr.engine.full_model_state(), tr.full_ema_state()  # collectives (FSDP, ZeRO)
             torch.save({"model": {k: v for k, v in model.items() if ".gate." in k},  # full states: rank 0 only
                         "ema": {k: v for k, v in ema.items() if ".gate." in k},
                         "buffers": {k: v.clone() for k, v in tr.model.state_dict().items()

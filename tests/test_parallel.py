@@ -195,7 +195,9 @@ RUNS = {
     "fsdp": ({"parallel": "fsdp"}, 0.01, WORLD),
     # 2 micro-batches per process: DDP skips the all-reduce on the first, FSDP reduces both
     "ddp_accum": ({"parallel": "ddp", "micro_batch": GLOBAL_BATCH // (2 * WORLD)}, 0.01, 2 * WORLD),
-    "fsdp_accum": ({"parallel": "fsdp", "micro_batch": GLOBAL_BATCH // (2 * WORLD)}, 0.01, 2 * WORLD),
+    # ... and writes a sharded checkpoint (tests/test_parallel_sharded.py), checked like the files
+    "fsdp_accum": ({"parallel": "fsdp", "micro_batch": GLOBAL_BATCH // (2 * WORLD), "checkpoint_format": "sharded"},
+                   0.01, 2 * WORLD),
     # bf16: FSDP all-gathers the blocks' weights in bf16; single-process autocast casts them
     "fsdp_bf16": ({"parallel": "fsdp", "precision": "bf16"}, 0.01, WORLD),
     # a balance loss over both processes' tokens: equals one big batch even with alpha > 0
