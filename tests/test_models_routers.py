@@ -460,16 +460,20 @@ def test_state_buffers_survive_save_and_load(tmp_path):
         ditmoe.create_model("debug", router="race").load_state_dict(ditmoe.create_model("debug").state_dict())
 
 
-@pytest.mark.parametrize("kind", ["topk_bias", "race", "token_pool"])
-def test_resume_is_exact_with_router_state(tmp_path, kind):
+@pytest.mark.parametrize("kind,fmt", [("topk_bias", "file"), ("race", "file"), ("token_pool", "file"),
+                                      ("race", "sharded")])
+def test_resume_is_exact_with_router_state(tmp_path, kind, fmt):
     from test_train import tiny_trainer
 
     over = {"router": kind, "bias_update_rate": 0.01}
     straight = tiny_trainer(tmp_path / "a", overrides=over, micro_batch=8)  # 2 micro-batches per step
     straight.run()
-    first = tiny_trainer(tmp_path / "b", overrides=over, micro_batch=8, steps=2)
+    first = tiny_trainer(tmp_path / "b", overrides=over, micro_batch=8, steps=2, checkpoint_format=fmt)
     first.run()
-    resumed = tiny_trainer(tmp_path / "b", overrides=over, micro_batch=8, steps=4, resume="auto")
+    written = sorted((tmp_path / "b" / "run" / "checkpoints").iterdir())
+    assert written and all(p.name.endswith(".dcp" if fmt == "sharded" else ".pt") for p in written), written
+    resumed = tiny_trainer(tmp_path / "b", overrides=over, micro_batch=8, steps=4, resume="auto",
+                           checkpoint_format=fmt)
     resumed.run()
     for (k, a), (_, b) in zip(straight.model.state_dict().items(), resumed.model.state_dict().items()):
         assert torch.equal(a, b), k
