@@ -642,3 +642,19 @@ def test_fine_grained_registry_model_routes_with_every_rule():
         m = ditmoe.create_model("debug", num_experts=12, top_k=3, expert_hidden=24, shared_hidden=24, router=kind)
         out, aux = m(torch.randn(2, 4, 8, 8), torch.rand(2), torch.tensor([1, 10]), return_aux=True)
         (out.square().mean() + aux.sum()).backward()
+
+
+def test_token_pool_capacity_warmup_decays_linearly_from_every_token():
+    from ditmoe.models.routers import TokenPoolRouter
+
+    r = TokenPoolRouter(DIM, E, 1, capacity_factor=1.0, capacity_warmup_steps=4).train()
+    seen = []
+    for _ in range(6):
+        a = r.route(torch.randn(2, 24, DIM))  # a pool of 48 tokens
+        seen.append(int(torch.bincount(a.expert, minlength=E)[0]))
+        update_routers(r)
+    # capacity factor E = 4 (all 48 tokens), 3.25, 2.5, 1.75, then 1 (ceil(1 * 48 / 4) = 12)
+    assert seen == [48, 39, 30, 21, 12, 12]
+    assert ditmoe.get_config("debug", router="token_pool", capacity_warmup_steps=10).capacity_warmup_steps == 10
+    with pytest.raises(ValueError, match="capacity_warmup_steps"):
+        ditmoe.get_config("debug", capacity_warmup_steps=-1)

@@ -98,6 +98,9 @@ class ModelConfig:
     capacity_factor: float = option(1.0, "expert_choice: each expert takes ceil(capacity_factor * tokens per image "
                                     "* top_k / num_experts) tokens of every image (at most all of them); token_pool: "
                                     "the same over all tokens of the batch, in training")
+    capacity_warmup_steps: int = option(0, "token_pool: the capacity factor starts at num_experts (every expert takes "
+                                        "every token) and decays linearly to capacity_factor over this many optimizer "
+                                        "steps (DiffMoE's optional schedule); 0 = off")
     bias_update_rate: float = option(1e-3, "topk_bias: the bias moves by this times sign(mean load - load) after "
                                      "each optimizer step")
     route_scale: float = option(1.0, "topk_bias: gate weights (after the optional norm_topk) are multiplied by this")
@@ -195,6 +198,8 @@ class ModelConfig:
             problems.append(f"aux_alpha must be >= 0, got {self.aux_alpha}")
         if not (self.capacity_factor > 0 and math.isfinite(self.capacity_factor)):
             problems.append(f"capacity_factor must be a positive number, got {self.capacity_factor}")
+        if self.capacity_warmup_steps < 0:
+            problems.append(f"capacity_warmup_steps must be >= 0 (0 = off), got {self.capacity_warmup_steps}")
         if not (self.bias_update_rate >= 0 and math.isfinite(self.bias_update_rate)):
             problems.append(f"bias_update_rate must be >= 0, got {self.bias_update_rate}")
         if not (self.route_scale > 0 and math.isfinite(self.route_scale)):

@@ -25,7 +25,8 @@ class DiTBlock(nn.Module):
         if use_moe:
             router = build_router(cfg.router, d, cfg.num_experts, cfg.top_k, norm_topk=cfg.norm_topk,
                                   aux_alpha=cfg.balance_alpha, score=cfg.router_score,
-                                  capacity_factor=cfg.capacity_factor, bias_update_rate=cfg.bias_update_rate,
+                                  capacity_factor=cfg.capacity_factor, capacity_warmup_steps=cfg.capacity_warmup_steps,
+                                  bias_update_rate=cfg.bias_update_rate,
                                   route_scale=cfg.route_scale, threshold_decay=cfg.threshold_decay,
                                   num_classes=cfg.num_classes, contrastive_weight=cfg.contrastive_weight,
                                   contrastive_temperature=cfg.contrastive_temperature)

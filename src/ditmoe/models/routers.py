@@ -342,10 +342,12 @@ class TokenPoolRouter(Router):
     """
 
     def __init__(self, dim: int, num_experts: int, top_k: int, capacity_factor: float = 1.0,
-                 score: str = "softmax", threshold_decay: float = 0.99, aux_alpha: float = 0.0):
+                 score: str = "softmax", threshold_decay: float = 0.99, aux_alpha: float = 0.0,
+                 capacity_warmup_steps: int = 0):
         super().__init__()
         self.num_experts, self.top_k, self.capacity_factor = num_experts, top_k, capacity_factor
         self.score, self.threshold_decay, self.aux_alpha = score, threshold_decay, aux_alpha
+        self.capacity_warmup_steps = capacity_warmup_steps
         self.weight = nn.Parameter(torch.empty(num_experts, dim))
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
         self.predictor = nn.Sequential(nn.Linear(dim, dim), nn.SiLU(), nn.Linear(dim, num_experts))
@@ -357,8 +359,16 @@ class TokenPoolRouter(Router):
         self._accuracy = float("nan")
         self._last_loss: torch.Tensor | None = None
 
+    def current_capacity_factor(self) -> float:
+        """capacity_factor, or during `capacity_warmup_steps` the linear decay from num_experts to it
+        (by the optimizer steps counted in `threshold_updates`)."""
+        if not self.capacity_warmup_steps:
+            return self.capacity_factor
+        left = max(0.0, 1.0 - int(self.threshold_updates) / self.capacity_warmup_steps)
+        return self.capacity_factor + (self.num_experts - self.capacity_factor) * left
+
     def capacity(self, pool: int) -> int:
-        c = math.ceil(self.capacity_factor * pool * self.top_k / self.num_experts - 1e-9)
+        c = math.ceil(self.current_capacity_factor() * pool * self.top_k / self.num_experts - 1e-9)
         return max(1, min(pool, c))
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
@@ -508,6 +518,7 @@ class PrototypeRouter(Router):
 
 def build_router(kind: str, dim: int, num_experts: int, top_k: int, *, norm_topk: bool = False,
                  aux_alpha: float | None = None, score: str = "auto", capacity_factor: float = 1.0,
+                 capacity_warmup_steps: int = 0,
                  bias_update_rate: float = 1e-3, route_scale: float = 1.0, threshold_decay: float = 0.99,
                  num_classes: int = 1000, contrastive_weight: float = 1.0,
                  contrastive_temperature: float = 0.07) -> Router:
@@ -528,7 +539,8 @@ def build_router(kind: str, dim: int, num_experts: int, top_k: int, *, norm_topk
         return PrototypeRouter(dim, num_experts, top_k, num_classes, score, contrastive_weight,
                                contrastive_temperature, alpha)
     if kind == "token_pool":
-        return TokenPoolRouter(dim, num_experts, top_k, capacity_factor, score, threshold_decay, alpha)
+        return TokenPoolRouter(dim, num_experts, top_k, capacity_factor, score, threshold_decay, alpha,
+                               capacity_warmup_steps)
     return RaceRouter(dim, num_experts, top_k, score, threshold_decay, alpha)
 
 
