@@ -37,4 +37,7 @@ ATEN_CPU_CAPABILITY=$second DNNL_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 r
     tests/test_kernels_layers.py tests/test_kernels_fused_adaln.py \
     tests/test_samplers.py::test_ddim_eta1_equals_ddpm_with_posterior_variance \
     tests/test_train.py::test_accumulation_equals_one_big_batch \
-    tests/test_train.py::test_balance_loss_gradient_is_alpha_times_analytic
+    tests/test_train.py::test_balance_loss_gradient_is_alpha_times_analytic \
+    tests/test_models_routers.py::test_rule_matches_float64_reference \
+    tests/test_models_routers.py::test_speed_layers_give_the_reference_result \
+    tests/test_models_routers.py::test_inference_image_alone_equals_image_in_batch

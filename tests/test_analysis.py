@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from ditmoe.analysis import RoutingRecorder, RoutingResults, analyze_counts, make_figures, write_report
+from ditmoe.models.routers import Assignment
 from ditmoe.analysis.stats import (mi_baseline_analytic, mi_with_baseline, mutual_information,
                                    random_table_same_marginals, spearman)
 from tolerances import EPS64, sum_positive_order_tol
@@ -22,10 +23,13 @@ class FakeMoE:
         self.observer = None
 
     def route(self, idx: torch.Tensor) -> None:
-        """What MoE.forward does with the observer: (N, T, k) ids, (N, T, k) weights."""
+        """What MoE.forward does with the observer: the Assignment of top-k ids (N, T, k) and the
+        number of images."""
         if self.observer is not None:
-            w = torch.full(idx.shape, 1.0 / idx.shape[-1])
-            self.observer(self, idx, w)
+            n, t, k = idx.shape
+            w = torch.full((n * t, k), 1.0 / k)
+            probs = torch.full((n * t, self.num_experts), 1.0 / self.num_experts)
+            self.observer(self, Assignment.top_k(idx.reshape(n * t, k), w, probs), n)
 
 
 class FakeModel:

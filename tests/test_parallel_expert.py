@@ -152,7 +152,7 @@ def test_layer_outputs_and_gradients_match_single_process(ep_run):
         if scenario == "planted":
             plant_routing(ref, idle_experts(world))
             counts = {}
-            ref.blocks[0].moe.observer = lambda moe, idx, w: counts.setdefault("c", torch.bincount(idx.reshape(-1), minlength=EXPERTS))
+            ref.blocks[0].moe.observer = lambda moe, a, n: counts.setdefault("c", torch.bincount(a.expert, minlength=EXPERTS))
         ref.zero_grad(set_to_none=True)
         ref_out = [forward_backward(ref, *inp) for inp in layer_inputs(world)]
         if scenario == "planted":  # the planted routing really starved the last rank

@@ -23,6 +23,10 @@ class ModelStats:
     gmacs_with_attention: float
     tokens: int
     image_size: int
+    # Mean routed experts per token (k for top-k routers; from the capacity for expert_choice; the
+    # training-time k for race, whose inference threshold decides per token).
+    experts_per_token: float = 0.0
+    note: str = ""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -46,17 +50,18 @@ def model_stats(cfg: ModelConfig, image_size: int = 256, vae_downsample: int = 8
         model = DiT(cfg)
     total = sum(p.numel() for p in model.parameters())
     n_moe = sum(cfg.moe_blocks())
-    inactive = n_moe * (cfg.num_experts - cfg.top_k) * _expert_params(cfg) if n_moe else 0
-    activated = total - inactive
-
     d, p = cfg.hidden_size, cfg.patch_size
     tokens = cfg.tokens(image_size, vae_downsample)
+    k, note = experts_per_token(cfg, tokens)
+    inactive = round(n_moe * (cfg.num_experts - k) * _expert_params(cfg)) if n_moe else 0
+    activated = total - inactive
+
     per_token = 0
     for is_moe in cfg.moe_blocks():
         per_token += 4 * d * d  # qkv + output projection
         if is_moe:
             per_token += cfg.num_experts * d  # router
-            per_token += cfg.top_k * 3 * d * cfg.routed_hidden if cfg.expert_type == "swiglu" else cfg.top_k * 2 * d * cfg.routed_hidden
+            per_token += k * 3 * d * cfg.routed_hidden if cfg.expert_type == "swiglu" else k * 2 * d * cfg.routed_hidden
             per_token += 3 * d * cfg.shared_width
         else:
             per_token += (3 if cfg.dense_mlp_type == "swiglu" else 2) * d * cfg.dense_hidden
@@ -66,7 +71,25 @@ def model_stats(cfg: ModelConfig, image_size: int = 256, vae_downsample: int = 8
     per_image += 256 * d + d * d  # timestep MLP
     macs = per_token * tokens + per_image
     attention = cfg.depth * 2 * tokens * tokens * d  # QK^T and AV
-    return ModelStats(cfg.name, total, activated, macs / 1e9, (macs + attention) / 1e9, tokens, image_size)
+    return ModelStats(cfg.name, total, activated, macs / 1e9, (macs + attention) / 1e9, tokens, image_size,
+                      float(k) if n_moe else 0.0, note if n_moe else "")
+
+
+def experts_per_token(cfg: ModelConfig, tokens: int) -> tuple[float, str]:
+    """(mean routed experts per token, a note on what the figure means) for cfg's router."""
+    if cfg.router == "expert_choice":
+        import math
+
+        c = max(1, min(tokens, math.ceil(cfg.capacity_factor * tokens * cfg.top_k / cfg.num_experts - 1e-9)))
+        return c * cfg.num_experts / tokens, f"expert_choice: {c} tokens per expert and image"
+    if cfg.router == "token_pool":
+        return (cfg.capacity_factor * cfg.top_k, "token_pool: capacity_factor * top_k per token in training (the pool's "
+                "capacity); at inference the predictor's thresholds decide")
+    if cfg.router == "prototype":
+        return float(cfg.top_k), "prototype: top_k per conditional token; null-class tokens take the one unconditional expert"
+    if cfg.router == "race":
+        return float(cfg.top_k), "race: top_k per token on average in training; at inference the learned threshold decides"
+    return float(cfg.top_k), ""
 
 
 def format_count(n: float) -> str:

@@ -17,6 +17,11 @@ EXPERT_TYPES = ("swiglu", "gelu")
 FLOW_PREDICTIONS = ("velocity", "data")
 ATTN_LAYOUTS = ("qkv", "fused_qknorm")
 MOE_PLACEMENTS = ("all", "every_other", "deep_half", "shallow_half", "none")
+# Routing rules (ditmoe.models.routers; docs/routing.md) and their score functions.
+ROUTERS = ("topk_softmax", "topk_bias", "expert_choice", "race", "token_pool", "prototype")
+ROUTER_SCORES = ("auto", "softmax", "sigmoid")
+# Routers with state that moves after each optimizer step (ditmoe.models.routers.update_routers).
+STATEFUL_ROUTERS = ("topk_bias", "race", "token_pool")
 
 
 def option(default: Any, help: str, choices: tuple[str, ...] | None = None, many: bool = False) -> Any:
@@ -79,7 +84,31 @@ class ModelConfig:
                               choices=EXPERT_TYPES)
     dense_mlp_type: str = option("gelu", "MLP type of non-MoE blocks (DiT baselines use GELU-tanh)",
                                  choices=EXPERT_TYPES)
-    aux_alpha: float = option(0.01, "balance-loss weight (paper Eq. 5); 0 disables it")
+    aux_alpha: float | None = option(None, "balance-loss weight (paper Eq. 5); 0 disables it; None = the router's "
+                                     "default (0.01 for topk_softmax, 0 for the other routers)")
+    # --- routing (docs/routing.md) ---
+    router: str = option("topk_softmax", "routing rule: topk_softmax (DiT-MoE), topk_bias (aux-loss-free bias, "
+                         "DeepSeek-V3), expert_choice (per image, EC-DiT), race (global top-K, Expert Race), token_pool (batch "
+                         "pool with a capacity predictor, DiffMoE), prototype (null-class tokens to the last expert, "
+                         "the others by cosine to prototypes, ProMoE)",
+                         choices=ROUTERS)
+    router_score: str = option("auto", "router scores: softmax or sigmoid over the logits; auto = softmax for "
+                               "topk_softmax, expert_choice and token_pool, sigmoid for topk_bias and race, the raw "
+                               "cosine for prototype",
+                               choices=ROUTER_SCORES)
+    capacity_factor: float = option(1.0, "expert_choice: each expert takes ceil(capacity_factor * tokens per image "
+                                    "* top_k / num_experts) tokens of every image (at most all of them); token_pool: "
+                                    "the same over all tokens of the batch, in training")
+    capacity_warmup_steps: int = option(0, "token_pool: the capacity factor starts at num_experts (every expert takes "
+                                        "every token) and decays linearly to capacity_factor over this many optimizer "
+                                        "steps (DiffMoE's optional schedule); 0 = off")
+    bias_update_rate: float = option(1e-3, "topk_bias: the bias moves by this times sign(mean load - load) after "
+                                     "each optimizer step")
+    route_scale: float = option(1.0, "topk_bias: gate weights (after the optional norm_topk) are multiplied by this")
+    contrastive_weight: float = option(1.0, "prototype: weight of the routing contrastive loss; 0 disables it")
+    contrastive_temperature: float = option(0.07, "prototype: temperature of the routing contrastive loss")
+    threshold_decay: float = option(0.99, "race, token_pool: EMA decay of the inference threshold(s) towards the "
+                                    "training cut-off (updated once per optimizer step)")
     moe_placement: str = option("all", "which blocks carry a MoE layer (the paper's placement ablation)",
                                 choices=MOE_PLACEMENTS)
     # --- attention ---
@@ -124,6 +153,13 @@ class ModelConfig:
         return int(self.mlp_ratio * self.hidden_size)
 
     @property
+    def balance_alpha(self) -> float:
+        """The balance-loss weight in force: aux_alpha, or the router's default where it is None."""
+        if self.aux_alpha is not None:
+            return self.aux_alpha
+        return 0.01 if self.router == "topk_softmax" else 0.0
+
+    @property
     def is_moe(self) -> bool:
         return self.num_experts > 0 and any(self.moe_blocks())
 
@@ -163,8 +199,34 @@ class ModelConfig:
                 f"top_k {self.top_k} must be between 1 and num_experts {self.num_experts}"
             )
         problems += check_choices(self)  # expert_type, dense_mlp_type, attn_layout, moe_placement
-        if self.aux_alpha < 0:
+        if self.aux_alpha is not None and self.aux_alpha < 0:
             problems.append(f"aux_alpha must be >= 0, got {self.aux_alpha}")
+        if not (self.capacity_factor > 0 and math.isfinite(self.capacity_factor)):
+            problems.append(f"capacity_factor must be a positive number, got {self.capacity_factor}")
+        if self.capacity_warmup_steps < 0:
+            problems.append(f"capacity_warmup_steps must be >= 0 (0 = off), got {self.capacity_warmup_steps}")
+        if not (self.bias_update_rate >= 0 and math.isfinite(self.bias_update_rate)):
+            problems.append(f"bias_update_rate must be >= 0, got {self.bias_update_rate}")
+        if not (self.route_scale > 0 and math.isfinite(self.route_scale)):
+            problems.append(f"route_scale must be a positive number, got {self.route_scale}")
+        if not 0.0 <= self.threshold_decay < 1.0:
+            problems.append(f"threshold_decay must be in [0, 1), got {self.threshold_decay}")
+        if self.router == "prototype" and self.num_experts > 0:
+            if self.num_experts < 2:
+                problems.append("router prototype needs num_experts >= 2 (the last expert is the unconditional one)")
+            elif not 1 <= self.top_k <= self.num_experts - 1:
+                problems.append(f"router prototype: top_k {self.top_k} must be between 1 and num_experts - 1 = "
+                                f"{self.num_experts - 1} (the last expert takes only the null class)")
+            if self.class_dropout_prob <= 0:
+                problems.append("router prototype needs a null class: class_dropout_prob > 0 (its unconditional expert "
+                                "learns from the label-dropped images)")
+        if not (self.contrastive_weight >= 0 and math.isfinite(self.contrastive_weight)):
+            problems.append(f"contrastive_weight must be >= 0, got {self.contrastive_weight}")
+        if not (self.contrastive_temperature > 0 and math.isfinite(self.contrastive_temperature)):
+            problems.append(f"contrastive_temperature must be a positive number, got {self.contrastive_temperature}")
+        if self.router == "topk_softmax" and self.router_score == "sigmoid":
+            problems.append("router topk_softmax scores by softmax; for sigmoid scores use --model-router topk_bias "
+                            "(or race)")
         if self.shared_hidden is not None and self.shared_hidden < 0:
             problems.append(f"shared_hidden must be >= 0 (0 = no shared expert), got {self.shared_hidden}")
         if not 0.0 <= self.class_dropout_prob < 1.0:
@@ -195,6 +257,14 @@ class ModelConfig:
     def from_json(cls, s: str) -> "ModelConfig":
         return cls.from_dict(json.loads(s))
 
+    def comparable(self) -> dict[str, Any]:
+        """`to_dict()` with the settings in force: aux_alpha resolved to the router's default, so a
+        config saved before the routing fields existed (aux_alpha 0.01, no router) compares equal
+        to today's default (aux_alpha None, topk_softmax)."""
+        d = self.to_dict()
+        d["aux_alpha"] = self.balance_alpha
+        return d
+
     def replace(self, **overrides: Any) -> "ModelConfig":
         known = {f.name for f in dataclasses.fields(self)}
         unknown = set(overrides) - known
@@ -205,7 +275,8 @@ class ModelConfig:
         return dataclasses.replace(self, **overrides)
 
 
-__all__ = ["ModelConfig", "TrainConfig", "EXPERT_TYPES", "ATTN_LAYOUTS", "MOE_PLACEMENTS", "PROCESSES", "PRECISIONS",
+__all__ = ["ModelConfig", "TrainConfig", "EXPERT_TYPES", "ATTN_LAYOUTS", "MOE_PLACEMENTS", "ROUTERS", "ROUTER_SCORES",
+           "STATEFUL_ROUTERS", "PROCESSES", "PRECISIONS",
            "PARALLEL_MODES", "LOGGERS", "PROCESS_SAMPLERS", "SAMPLER_STEPS", "DEFAULT_CFG_SCALE",
            "check_choices", "default_sampler", "default_steps", "recorded_sampling", "SAMPLING_FIELDS", "check_field_types", "option"]
 

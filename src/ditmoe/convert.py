@@ -114,7 +114,12 @@ def load_official(src: str | os.PathLike | Mapping[str, Any], config: ModelConfi
 
 
 def export_official(model_or_sd) -> StateDict:
-    """State dict in the official key layout (per-expert Linear weights)."""
+    """State dict in the official key layout (per-expert Linear weights). The official code routes
+    by top-k softmax only: models of another router (`ModelConfig.router`) are refused."""
+    cfg = getattr(model_or_sd, "config", None)
+    if cfg is not None and cfg.is_moe and cfg.router != "topk_softmax":
+        raise ValueError(f"the official DiT-MoE layout has only the top-k softmax router; this model routes with "
+                         f"{cfg.router!r}: keep it in this package's format (--to package or folder)")
     sd = model_or_sd.state_dict() if isinstance(model_or_sd, torch.nn.Module) else model_or_sd
     return package_to_official(sd)
 

@@ -118,6 +118,14 @@ def param_counts(cfg: ModelConfig) -> ParamCounts:
 
 
 # ------------------------------------------------------------------------------ activations
+def pairs_per_token(cfg: ModelConfig) -> float:
+    """Mean routed (token, expert) pairs per token under cfg's router (k for top-k; expert_choice
+    from its capacity; the training-time figure for the threshold rules), as `ditmoe info` counts."""
+    from .accounting import experts_per_token
+
+    return experts_per_token(cfg, cfg.tokens())[0] if cfg.is_moe else float(cfg.top_k)
+
+
 def activation_bytes_per_token(cfg: ModelConfig, compute_bytes: int = 2) -> dict[str, float]:
     """Bytes autograd saves per token, by part, for this implementation (forward of one image batch).
 
@@ -133,7 +141,7 @@ def activation_bytes_per_token(cfg: ModelConfig, compute_bytes: int = 2) -> dict
     """
     a, f, i = compute_bytes, 4, 8  # compute dtype, fp32, int64
     autocast = a != f
-    d, heads, k = cfg.hidden_size, cfg.num_heads, cfg.top_k
+    d, heads, k = cfg.hidden_size, cfg.num_heads, pairs_per_token(cfg)
     h, hs, e = cfg.routed_hidden, cfg.shared_width, cfg.num_experts
 
     def pre_norm() -> float:
@@ -184,7 +192,7 @@ def activation_bytes(cfg: ModelConfig, tokens: int, compute_bytes: int = 2, chec
     """
     per = activation_bytes_per_token(cfg, compute_bytes)
     moe_blocks = cfg.moe_blocks()
-    routed = cfg.top_k * _routed_bytes_per_slot(cfg, compute_bytes) * (imbalance - 1.0)
+    routed = pairs_per_token(cfg) * _routed_bytes_per_slot(cfg, compute_bytes) * (imbalance - 1.0)
     blocks = [per["attention"] + (per["moe"] + routed if m else per["mlp"]) for m in moe_blocks]
     if not checkpointing:
         return tokens * (sum(blocks) + per["outside"])
@@ -293,7 +301,7 @@ def plan(inp: PlanInput) -> list[LayoutPlan]:
         # Communication per optimizer step, bytes each GPU sends.
         steps = inp.accumulation
         if layout.startswith("ep") and not lp.feasible:
-            rows = tokens * cfg.top_k * pc.moe_layers * steps  # routed (token, slot) rows per GPU
+            rows = tokens * pairs_per_token(cfg) * pc.moe_layers * steps  # routed (token, expert) rows per GPU
             sent = rows * cfg.hidden_size * inp.compute_bytes * _ring(ep) * a2a_transfers
             lp.all_to_all = sent
             # Ranks of an ep group are consecutive; a group wider than a node crosses nodes.

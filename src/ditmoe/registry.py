@@ -36,6 +36,13 @@ def _build_registry() -> dict[str, ModelConfig]:
             if size != "G":
                 name = f"DiT-{size}/{patch}"
                 reg[name] = ModelConfig(name=name, num_experts=0, attn_layout="qkv", **base)
+    # Fine-grained experts (DSMoE, arXiv 2512.01252): 48 experts of width 448 at D = 1024, k = 5, one
+    # shared expert of the same width, DeepSeek-V3-style routing (sigmoid scores, selection bias,
+    # renormalised top-k times 2.5). Any other router works too: --model-router.
+    reg["DSMoE-L/2-E48"] = ModelConfig(
+        name="DSMoE-L/2-E48", depth=24, hidden_size=1024, num_heads=16, patch_size=2, num_experts=48, top_k=5,
+        expert_hidden=448, shared_hidden=448, router="topk_bias", norm_topk=True, route_scale=2.5,
+    )
     # Tiny flavour for tests and smoke runs; same shape as the official fixtures.
     reg["debug"] = ModelConfig(
         name="debug", input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=2,

@@ -56,12 +56,16 @@ def _heatmaps(tables: np.ndarray, blocks: np.ndarray, ylabel: str, title: str, p
     return path
 
 
-def _spatial_maps(res: RoutingResults, pos: np.ndarray, path: Path, dpi: int, branch: str) -> Path:
+def _spatial_maps(res: RoutingResults, pos: np.ndarray, path: Path, dpi: int, branch: str,
+                  tokens_seen: np.ndarray | None = None) -> Path:
     n_layers, t, e = pos.shape
     g = res.grid_size
     if g * g != t:
         raise ValueError(f"{t} token positions do not form a square grid")
-    tokens = pos.sum(-1, keepdims=True) / res.top_k  # (L, T, 1) tokens seen at each position
+    if tokens_seen is None:  # top-k: k pairs per token
+        tokens = pos.sum(-1, keepdims=True) / res.top_k  # (L, T, 1) tokens seen at each position
+    else:  # every image has one token at each position
+        tokens = np.broadcast_to(np.asarray(tokens_seen, dtype=np.float64).reshape(-1, 1, 1) / t, (n_layers, t, 1))
     prob = np.divide(pos, tokens, out=np.zeros(pos.shape), where=tokens > 0)  # P(token at p picks e)
     vmax = float(prob.max()) if prob.size else 1.0
     fig = _new_figure(1.15 * e + 1.2, 1.15 * n_layers + 0.6)
@@ -166,7 +170,7 @@ def make_figures(results: RoutingResults, stats: dict[str, Any], out_dir: str | 
                   out / "heatmap_position.png", dpi),
         _heatmaps(tabs["step"], results.layers, "sampling step", f"Expert selection by step ({branch})",
                   out / "heatmap_step.png", dpi),
-        _spatial_maps(results, tabs["position"], out / "spatial_maps.png", dpi, branch),
+        _spatial_maps(results, tabs["position"], out / "spatial_maps.png", dpi, branch, tabs["tokens"]),
         _mi_plot(stats, out / "mi_by_layer.png", dpi),
         _entropy_plot(stats, out / "entropy_by_step.png", dpi),
     ]

@@ -14,8 +14,10 @@ number of images or steps. The caller supplies the context of every model call::
 Conventions
 - Branch 0 is "cond", branch 1 is "uncond": a token is unconditional when its image's label
   equals ``num_classes`` (the null label of classifier-free guidance).
-- Counts are over (token, slot) pairs: a token that picks k experts adds k counts. ``tokens``
-  counts tokens, so ``step_expert[l, b, s].sum() == k * tokens routed at step s``.
+- Counts are over (token, expert) pairs: a token that goes to k experts adds k counts. Top-k
+  routers give every token exactly k pairs; other routers (expert choice, race) any number, zero
+  included. ``tokens`` counts tokens and ``unrouted`` the tokens with no routed expert, so for
+  top-k ``step_expert[l, b, s].sum() == k * tokens routed at step s``.
 - Step index s is the order of the sampler's model evaluations, 0 = first = noisiest step.
 - Tables stay on the device the routing ran on (no host synchronisation inside sampling) and are
   copied to numpy by `results()`.
@@ -50,6 +52,10 @@ class RoutingResults:
     gate_sum          (L, 2, E)         float64 summed gate weight given to each expert
     tokens            (L, 2)            int64 number of tokens routed
     step_position_expert (L, 2, S, T, E) int64 joint table, or None when not recorded
+    unrouted          (L, 2)            int64 tokens that went to no routed expert (None in files
+                                        written before it existed)
+    top_k is the layer's nominal k (exact pairs per token for top-k routers, the mean for the
+    capacity- and threshold-based ones only on average).
     """
 
     layers: np.ndarray
@@ -65,10 +71,11 @@ class RoutingResults:
     gate_sum: np.ndarray
     tokens: np.ndarray
     step_position_expert: np.ndarray | None = None
+    unrouted: np.ndarray | None = None
     meta: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     _ARRAYS = ("layers", "step_expert", "position_expert", "class_expert", "coselect", "gate_sum",
-               "tokens", "step_position_expert")
+               "tokens", "step_position_expert", "unrouted")
     _SCALARS = ("num_experts", "top_k", "num_classes", "num_steps", "num_positions")
 
     @property
@@ -142,19 +149,18 @@ class _LayerCounts:
         self.coselect = z(2, e, e)
         self.gate_sum = torch.zeros(2 * e, dtype=torch.float64, device=device)
         self.step_position_expert = z(2, s, t, e) if joint else None
-        # Pair slot indices (a < b) for the co-selection counts.
-        pairs = [(a, b) for a in range(top_k) for b in range(a + 1, top_k)]
-        self.pair_a = torch.tensor([p[0] for p in pairs], dtype=torch.long, device=device)
-        self.pair_b = torch.tensor([p[1] for p in pairs], dtype=torch.long, device=device)
+        self.tokens = z(2)
+        self.unrouted = z(2)
 
     def tensors(self) -> dict[str, torch.Tensor | None]:
         return {"step_expert": self.step_expert, "position_expert": self.position_expert,
                 "class_expert": self.class_expert, "coselect": self.coselect,
-                "gate_sum": self.gate_sum, "step_position_expert": self.step_position_expert}
+                "gate_sum": self.gate_sum, "step_position_expert": self.step_position_expert,
+                "tokens": self.tokens, "unrouted": self.unrouted}
 
 
 class RoutingRecorder:
-    """Context manager that counts every MoE layer's top-k choices (see module docstring).
+    """Context manager that counts every MoE layer's routing pairs (see module docstring).
 
     model: anything with ``moe_layers() -> [(block_index, moe)]`` (moe has ``observer``,
     ``num_experts`` and ``top_k``) and, unless given here, ``num_classes``.
@@ -269,39 +275,46 @@ class RoutingRecorder:
         return self._keys[key]
 
     @torch.no_grad()
-    def _observe(self, slot: int, moe: Any, topk_idx: torch.Tensor, topk_weight: torch.Tensor) -> None:
+    def _observe(self, slot: int, moe: Any, a: Any, n: int) -> None:
+        """One routing decision: `a` an Assignment over the n * T tokens of n images (image-major)."""
         if self._step is None:
             raise RuntimeError("call set_step(step_index) before the model runs inside a RoutingRecorder")
-        n, n_pos, k = topk_idx.shape
-        device = topk_idx.device
+        n_tok = int(a.probs.shape[0])
+        n_pos, k = n_tok // n, int(getattr(moe, "top_k", a.k or 1))
+        device = a.expert.device
         counts = self._counts[slot]
         if counts is None:
             counts = self._alloc(slot, moe, n_pos, k, device)
-        elif counts.num_positions != n_pos or counts.top_k != k:
-            raise ValueError(f"layer {self._moes[slot][0]}: routing shape (T={n_pos}, k={k}) changed "
-                             f"from (T={counts.num_positions}, k={counts.top_k})")
+        elif counts.num_positions != n_pos:
+            raise ValueError(f"layer {self._moes[slot][0]}: routing shape (T={n_pos}) changed "
+                             f"from (T={counts.num_positions})")
         e, s, c1 = counts.num_experts, self._step, self.num_classes + 1
         pos_base, cls_base, br_base = self._token_keys(n, n_pos, e, device)
-        idx = topk_idx.long()
+        token, expert = a.token.long(), a.expert.long()
+        image = torch.div(token, n_pos, rounding_mode="floor")
 
         # [branch, position, expert]: one bincount; the step table is its sum over positions.
-        pos_tab = torch.bincount((pos_base + idx).reshape(-1), minlength=2 * n_pos * e).view(2, n_pos, e)
+        pos_key = pos_base.reshape(-1).index_select(0, token) + expert
+        pos_tab = torch.bincount(pos_key, minlength=2 * n_pos * e).view(2, n_pos, e)
         counts.position_expert += pos_tab
         counts.step_expert[:, s] += pos_tab.sum(1)
         if counts.step_position_expert is not None:
             counts.step_position_expert[:, s] += pos_tab
-        cls_tab = torch.bincount((cls_base + idx).reshape(-1), minlength=2 * c1 * e)
+        cls_tab = torch.bincount(cls_base.reshape(-1).index_select(0, image) + expert, minlength=2 * c1 * e)
         counts.class_expert += cls_tab.view(2, c1, e)
-        if k > 1:
-            a = idx.index_select(2, counts.pair_a)  # (N, T, P) first expert of each slot pair
-            b = idx.index_select(2, counts.pair_b)
-            co = torch.bincount((br_base * e + a * e + b).reshape(-1), minlength=2 * e * e).view(2, e, e)
-            counts.coselect += co + co.transpose(1, 2)  # symmetric: (i, j) and (j, i)
-        # Diagonal = tokens that picked the expert (top-k ids of one token are distinct).
-        counts.coselect.diagonal(dim1=1, dim2=2).add_(pos_tab.sum(1))
+        # Which experts each token went to, (n T, E) 0/1; per branch M^T M counts the tokens that
+        # picked both i and j, and on the diagonal those that picked i (a token's experts are distinct).
+        branch_tok = torch.div(br_base.reshape(-1), e, rounding_mode="floor").repeat_interleave(n_pos)  # (n T,)
+        picked = torch.zeros(n_tok, e, dtype=torch.float64, device=device)
+        picked.index_put_((token, expert), torch.ones_like(token, dtype=torch.float64))
+        for b in range(2):
+            rows = picked * (branch_tok == b).unsqueeze(1)
+            counts.coselect[b] += (rows.t() @ picked).round().long()
+        counts.tokens += torch.bincount(branch_tok, minlength=2)
+        counts.unrouted += torch.bincount(branch_tok, weights=(picked.sum(1) == 0).double(), minlength=2).long()
         # index_put_ with accumulate is deterministic on CUDA, unlike a float bincount.
-        counts.gate_sum.index_put_(((br_base + idx).reshape(-1),),
-                                   topk_weight.reshape(-1).to(torch.float64), accumulate=True)
+        counts.gate_sum.index_put_((br_base.reshape(-1).index_select(0, image) + expert,),
+                                   a.weight.reshape(-1).to(torch.float64), accumulate=True)
         self.calls += 1
 
     # ------------------------------------------------------------------ output
@@ -316,7 +329,7 @@ class RoutingRecorder:
             raise RuntimeError(f"MoE layers {missing} recorded nothing; run the model inside the recorder")
         cs = [c for c in self._counts if c is not None]
         e, k, t = cs[0].num_experts, cs[0].top_k, cs[0].num_positions
-        if any((c.num_experts, c.top_k, c.num_positions) != (e, k, t) for c in cs):
+        if any((c.num_experts, c.num_positions) != (e, t) for c in cs):
             raise ValueError("MoE layers differ in experts, top-k or tokens; cannot stack")
 
         def stack(name: str) -> np.ndarray:
@@ -326,14 +339,13 @@ class RoutingRecorder:
         if all(c.step_position_expert is not None for c in cs):
             joint = stack("step_position_expert")
         step_expert = stack("step_expert")
-        tokens = step_expert.sum(axis=(2, 3)) // k
         return RoutingResults(
             layers=np.asarray([i for i, _ in self._moes], dtype=np.int64),
             num_experts=e, top_k=k, num_classes=self.num_classes, num_steps=self.num_steps,
             num_positions=t, step_expert=step_expert, position_expert=stack("position_expert"),
             class_expert=stack("class_expert"), coselect=stack("coselect"),
-            gate_sum=stack("gate_sum").reshape(len(cs), 2, e), tokens=tokens.astype(np.int64),
-            step_position_expert=joint, meta={"calls": self.calls},
+            gate_sum=stack("gate_sum").reshape(len(cs), 2, e), tokens=stack("tokens").astype(np.int64),
+            step_position_expert=joint, unrouted=stack("unrouted").astype(np.int64), meta={"calls": self.calls},
         )
 
     def save(self, path: str | Path) -> Path:

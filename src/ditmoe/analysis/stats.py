@@ -210,7 +210,8 @@ def branch_tables(results: RoutingResults, branch: str = "cond") -> dict[str, np
         cls = results.class_expert[:, b, :c] if branch == "cond" else results.class_expert[:, b, c:]
     return {"step": sel(results.step_expert), "position": sel(results.position_expert), "class": cls,
             "coselect": sel(results.coselect), "gate_sum": sel(results.gate_sum),
-            "tokens": sel(results.tokens), "step_position": sel(results.step_position_expert)}
+            "tokens": sel(results.tokens), "step_position": sel(results.step_position_expert),
+            "unrouted": sel(results.unrouted)}
 
 
 def _settle_index(h: np.ndarray, late_mean: float, tol: float) -> int | None:
@@ -274,8 +275,13 @@ def analyze_counts(results: RoutingResults, branch: str = "cond", permutations: 
         else:
             lay["step_entropy_first_half"] = lay["step_entropy_second_half"] = None
         # The k slots of one token hold k distinct experts, so even a variable that fixes the
-        # whole choice leaves log2 k bits: the largest possible MI is H(E) - log2 k.
-        max_bits = h_bits - math.log2(k) if math.isfinite(h_bits) else None
+        # whole choice leaves log2 k bits: the largest possible MI is H(E) - log2 k. Routers with
+        # a variable number of experts per token use the mean number (k for top-k).
+        k_mean = slots / tokens if tokens > 0 and slots > 0 else float(k)
+        lay["pairs_per_token"] = k_mean
+        unrouted = tabs["unrouted"]
+        lay["unrouted_fraction"] = (float(unrouted[li]) / tokens if unrouted is not None and tokens > 0 else None)
+        max_bits = h_bits - math.log2(max(k_mean, 1.0)) if math.isfinite(h_bits) else None
         lay["mi"] = {
             name: mi_with_baseline(tab, permutations, rng, max_bits)
             for name, tab in (("class", cls_t), ("position", pos_t), ("step", step_t))

@@ -6,6 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
+from ..config import ROUTERS
 from ._command import Command
 
 
@@ -15,6 +16,8 @@ def _info_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--list", action="store_true", help="list every registered model")
     p.add_argument("--image-size", type=int, default=256, help="image side for the GFLOPs count")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--router", default=None, choices=ROUTERS,
+                   help="count the activated compute under this routing rule (default: the model's, topk_softmax)")
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -24,7 +27,10 @@ def _info(args: argparse.Namespace) -> int:
     names = model_names() if args.list or not args.name else [args.name]
     rows = []
     for name in names:
-        s = model_stats(get_config(name), image_size=args.image_size)
+        cfg = get_config(name)
+        if args.router and cfg.is_moe:
+            cfg = cfg.replace(router=args.router).validate()
+        s = model_stats(cfg, image_size=args.image_size)
         rows.append(s)
     if args.json:
         print(json.dumps([r.to_dict() for r in rows], indent=2))
@@ -34,6 +40,8 @@ def _info(args: argparse.Namespace) -> int:
         print(f"{s.name:<22} {format_count(s.total_params):>9} {format_count(s.activated_params):>10} "
               f"{s.gmacs:>9.2f} {s.gmacs_with_attention:>9.2f}")
     print("GFLOPs: multiply-accumulates of the linear layers (the paper's definition); +attn adds QK^T and AV.")
+    for note in dict.fromkeys(s.note for s in rows if s.note):
+        print(f"activated compute under {note}")
     return 0
 
 

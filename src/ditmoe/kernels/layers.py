@@ -103,14 +103,14 @@ class FastDiTBlock(DiTBlock):
 
     fused: bool = True
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor):
+    def forward(self, x: torch.Tensor, c: torch.Tensor, y: torch.Tensor | None = None):
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
         fused = self.fused
         x = gated_residual(x, gate_msa, self.attn(norm_modulate(self.norm1, x, shift_msa, scale_msa, fused=fused)),
                            fused=fused)
         # The MoE router computes in fp32, so its input stays in the residual stream's dtype.
         h, aux = self.feed_forward(norm_modulate(self.norm2, x, shift_mlp, scale_mlp, keep_dtype=self.is_moe,
-                                                 fused=fused))
+                                                 fused=fused), y)
         return gated_residual(x, gate_mlp, h, fused=fused), aux
 
 

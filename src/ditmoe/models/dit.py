@@ -10,6 +10,7 @@ from ..config import ModelConfig
 from .layers import (Attention, LabelEmbedder, PatchEmbed, TimestepEmbedder, get_2d_sincos_pos_embed, make_mlp,
                      modulate)
 from .moe import MoE
+from .routers import build_router
 
 
 class DiTBlock(nn.Module):
@@ -22,8 +23,15 @@ class DiTBlock(nn.Module):
         self.attn = Attention(d, cfg.num_heads, cfg.attn_layout)
         self.norm2 = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
         if use_moe:
+            router = build_router(cfg.router, d, cfg.num_experts, cfg.top_k, norm_topk=cfg.norm_topk,
+                                  aux_alpha=cfg.balance_alpha, score=cfg.router_score,
+                                  capacity_factor=cfg.capacity_factor, capacity_warmup_steps=cfg.capacity_warmup_steps,
+                                  bias_update_rate=cfg.bias_update_rate,
+                                  route_scale=cfg.route_scale, threshold_decay=cfg.threshold_decay,
+                                  num_classes=cfg.num_classes, contrastive_weight=cfg.contrastive_weight,
+                                  contrastive_temperature=cfg.contrastive_temperature)
             self.moe = MoE(d, cfg.num_experts, cfg.top_k, cfg.routed_hidden, cfg.shared_width,
-                           kind=cfg.expert_type, norm_topk=cfg.norm_topk, aux_alpha=cfg.aux_alpha)
+                           kind=cfg.expert_type, router=router)
         else:
             self.mlp = make_mlp(cfg.dense_mlp_type, d, cfg.dense_hidden)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d, bias=True))
@@ -32,16 +40,17 @@ class DiTBlock(nn.Module):
     def is_moe(self) -> bool:
         return hasattr(self, "moe")
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor):
-        """x (N, T, D), c (N, D) -> (x, balance loss or None)."""
+    def forward(self, x: torch.Tensor, c: torch.Tensor, y: torch.Tensor | None = None):
+        """x (N, T, D), c (N, D), y (N,) the labels in use (after label dropout; routers that
+        route by label read them) -> (x, balance loss or None)."""
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
         x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
-        h, aux = self.feed_forward(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        h, aux = self.feed_forward(modulate(self.norm2(x), shift_mlp, scale_mlp), y)
         return x + gate_mlp.unsqueeze(1) * h, aux
 
-    def feed_forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def feed_forward(self, h: torch.Tensor, y: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The MoE layer (output, balance loss) or the dense MLP (output, None)."""
-        return self.moe(h, return_aux=True) if self.is_moe else (self.mlp(h), None)
+        return self.moe(h, y, return_aux=True) if self.is_moe else (self.mlp(h), None)
 
 
 class FinalLayer(nn.Module):
@@ -126,13 +135,15 @@ class DiT(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, return_aux: bool = False):
         x = self.x_embedder(x) + self.pos_embed  # (N, T, D)
         t_emb = self.t_embedder(t.float() * self.config.timestep_scale if self.config.timestep_scale != 1.0 else t)
-        c = t_emb + self.y_embedder(y, self.training)  # (N, D)
+        if self.training and self.y_embedder.dropout_prob > 0:  # the labels in use, for the routers too
+            y = self.y_embedder.token_drop(y)
+        c = t_emb + self.y_embedder(y, False)  # (N, D)
         aux_losses = []
         for block in self.blocks:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                x, aux = checkpoint(block, x, c, use_reentrant=False)
+                x, aux = checkpoint(block, x, c, y, use_reentrant=False)
             else:
-                x, aux = block(x, c)
+                x, aux = block(x, c, y)
             if aux is not None:
                 aux_losses.append(aux)
         x = self.unpatchify(self.final_layer(x, c))

@@ -2,9 +2,10 @@
 
     y = combine(experts(dispatch(x, router(x)))) + shared_experts(x)
 
-- The **router** (`TopKRouter`, official name `moe.gate`) maps token features to an
-  `Assignment`: flat (token, expert, weight) pairs, the router's probabilities, and for top-k
-  routing the k. It also computes its auxiliary (balance) loss and routing statistics.
+- The **router** (official name `moe.gate`; the rules live in `ditmoe.models.routers`, one
+  class each, `TopKRouter` by default) maps token features to an `Assignment`: flat (token,
+  expert, weight) pairs, the router's probabilities, and for top-k routing the k. It also
+  computes its auxiliary (balance) loss and routing statistics.
 - The **dispatcher** (`Dispatcher`) copies each token once per pair into expert-contiguous rows,
   and after the experts weights each row by its pair's weight and sums the rows back per token.
   It is the one place that knows about permutations.
@@ -12,7 +13,8 @@
   contiguous groups: one grouped product per projection (`torch._grouped_mm`) where the backend
   has it, else a loop over the groups.
 
-Everything here is plain PyTorch, dropless and the same in training and inference. Faster
+Everything here is plain PyTorch; the dispatcher and experts are dropless and the same in
+training and inference (what a router decides may differ: see docs/routing.md). Faster
 equivalents of the dispatcher and experts (padding, custom backward passes, fused CPU kernels)
 live in `ditmoe.kernels`, expert parallelism and the balance loss over processes in
 `ditmoe.parallel`; both are applied to a built model from outside.
@@ -28,117 +30,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .layers import SwiGLU, compute_dtype
-
-
-# ------------------------------------------------------------------------------- router
-class Assignment(NamedTuple):
-    """Which experts each of T tokens goes to, as P flat (token, expert, weight) pairs.
-
-    A token may have any number of pairs (zero included); the dispatcher needs nothing more.
-    Top-k routing is the special case `k` > 0: exactly k pairs per token, numbered slot-major
-    (pair s * T + t is token t's s-th choice), so `expert_ids` / `weights` view them as (T, k).
-    A named tuple, so module hooks that walk outputs (DeepSpeed ZeRO-3's) see its tensors.
-    """
-
-    token: torch.Tensor  # (P,) int64
-    expert: torch.Tensor  # (P,) int64
-    weight: torch.Tensor  # (P,) the pair's gate weight (fp32)
-    probs: torch.Tensor  # (T, E) the router's probabilities (fp32), for the balance loss
-    k: int = 0  # > 0: top-k, slot-major
-
-    @classmethod
-    def top_k(cls, expert_ids: torch.Tensor, weights: torch.Tensor, probs: torch.Tensor) -> "Assignment":
-        """From top-k choices expert_ids (T, k) and their weights (T, k)."""
-        t, k = expert_ids.shape
-        token = torch.arange(t, device=expert_ids.device).repeat(k)
-        return cls(token, expert_ids.t().reshape(-1), weights.t().reshape(-1), probs, k)
-
-    @property
-    def num_tokens(self) -> int:
-        return self.probs.shape[0]
-
-    @property
-    def num_experts(self) -> int:
-        return self.probs.shape[1]
-
-    @property
-    def expert_ids(self) -> torch.Tensor:
-        """(T, k) chosen experts of a top-k assignment."""
-        return self.expert.view(self.k, -1).t()
-
-    @property
-    def weights(self) -> torch.Tensor:
-        """(T, k) gate weights of a top-k assignment."""
-        return self.weight.view(self.k, -1).t()
-
-
-def expert_counts(expert_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """Pairs per expert (E,) int64, on the device.
-
-    A scatter-add rather than `torch.bincount`, whose data-dependent output size breaks the
-    torch.compile graph at every MoE layer.
-    """
-    flat = expert_ids.reshape(-1)
-    return torch.zeros(num_experts, dtype=torch.long, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
-
-
-def balance_loss(probs: torch.Tensor, expert_ids: torch.Tensor, num_experts: int, alpha: float) -> torch.Tensor:
-    """Expert-level balance loss (paper Eq. 5) over the T tokens of `probs` (T, E).
-
-    L = alpha * sum_i f_i * P_i with f_i = E / P * #pairs that chose i (P = k T for top-k) and
-    P_i = mean_t p_t,i. `expert_ids` holds the chosen experts, any shape ((T, k) or (P,)).
-    """
-    counts = expert_counts(expert_ids, num_experts).to(probs.dtype)
-    f = counts * (num_experts / expert_ids.numel())
-    return alpha * (f * probs.mean(dim=0)).sum()
-
-
-BalanceLoss = Callable[[torch.Tensor, torch.Tensor, int, float], torch.Tensor]
-
-
-class Router(nn.Module):
-    """The router interface: `forward(x (T, D), cond=None) -> Assignment`, `balance_loss(a)`
-    (scalar fp32), `counts(a)` (pairs per expert). `cond` carries optional conditioning (labels,
-    time) for routing rules that use it; the top-k router ignores it."""
-
-    num_experts: int
-
-    def balance_loss(self, a: Assignment) -> torch.Tensor:
-        raise NotImplementedError
-
-    def counts(self, a: Assignment) -> torch.Tensor:
-        return expert_counts(a.expert, self.num_experts)
-
-
-class TopKRouter(Router):
-    """Linear D -> E (no bias), softmax, top-k. Official name: `moe.gate`, parameter `weight` (E, D).
-
-    `loss_fn` computes the balance loss from (probs, expert ids, E, alpha); `balance_loss` by
-    default. `ditmoe.parallel.attach_global_balance` replaces it with one over all processes.
-    """
-
-    def __init__(self, dim: int, num_experts: int, top_k: int, norm_topk: bool, aux_alpha: float = 0.01):
-        super().__init__()
-        self.num_experts, self.top_k, self.norm_topk, self.aux_alpha = num_experts, top_k, norm_topk, aux_alpha
-        self.weight = nn.Parameter(torch.empty(num_experts, dim))
-        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))  # as nn.Linear, as the official gate
-        self.loss_fn: BalanceLoss = balance_loss
-
-    def forward(self, x: torch.Tensor, cond: Any = None) -> Assignment:
-        # Routing is computed in fp32 even under autocast: bf16 logits flip near-tied top-k
-        # choices, and the router is a negligible share of the FLOPs.
-        with torch.autocast(x.device.type, enabled=False):
-            logits = F.linear(x.float(), self.weight.float())
-        probs = logits.softmax(dim=-1)
-        topk_w, topk_idx = torch.topk(probs, k=self.top_k, dim=-1, sorted=False)
-        if self.norm_topk and self.top_k > 1:
-            topk_w = topk_w / (topk_w.sum(dim=-1, keepdim=True) + 1e-20)
-        return Assignment.top_k(topk_idx, topk_w, probs)
-
-    def balance_loss(self, a: Assignment) -> torch.Tensor:
-        if self.aux_alpha <= 0:
-            return a.probs.new_zeros(())
-        return self.loss_fn(a.probs, a.expert, self.num_experts, self.aux_alpha)
+from .routers import (Assignment, BalanceLoss, Router, TopKRouter, balance_loss, build_router,  # noqa: F401
+                      expert_counts)
 
 
 # ---------------------------------------------------------------------------- dispatcher
@@ -259,32 +152,37 @@ class Experts(nn.Module):
 
 
 # ----------------------------------------------------------------------------------- MoE
-RouteObserver = Callable[["MoE", torch.Tensor, torch.Tensor], None]
+RouteObserver = Callable[["MoE", Assignment, int], None]
 
 
 class MoE(nn.Module):
-    """Routed experts plus an always-on shared expert: y = sum_k w_k E_k(x) + S(x)."""
+    """Routed experts plus an always-on shared expert: y = sum over pairs w E_e(x) + S(x).
+
+    `router` chooses the routing rule (`ditmoe.models.routers.build_router`); without it, the
+    top-k softmax router of DiT-MoE with `top_k`, `norm_topk` and `aux_alpha`.
+    """
 
     def __init__(self, dim: int, num_experts: int, top_k: int, hidden: int, shared_hidden: int,
-                 kind: str = "swiglu", norm_topk: bool = False, aux_alpha: float = 0.01):
+                 kind: str = "swiglu", norm_topk: bool = False, aux_alpha: float = 0.01, router: Router | None = None):
         super().__init__()
         self.num_experts, self.top_k = num_experts, top_k
-        self.gate: Router = TopKRouter(dim, num_experts, top_k, norm_topk, aux_alpha)
+        self.gate: Router = router if router is not None else TopKRouter(dim, num_experts, top_k, norm_topk, aux_alpha)
         self.dispatcher = Dispatcher()
         self.experts = Experts(num_experts, dim, hidden, kind)
         # The official "2 shared experts" are one SwiGLU of width 2*D, added without a gate weight.
         self.shared_experts = SwiGLU(dim, shared_hidden) if shared_hidden > 0 else None
-        # Set by analysis.RoutingRecorder for the duration of a `with` block; called with
-        # (self, expert ids (N, T, k), weights (N, T, k)).
+        # Set by analysis.RoutingRecorder / train.progress.ExpertLoadTracker for the duration of a
+        # `with` block; called with (self, the Assignment of the N * T tokens, N images), the
+        # tokens numbered image-major (token i * T + j is image i's token j).
         self.observer: RouteObserver | None = None
 
     def forward(self, x: torch.Tensor, cond: Any = None, return_aux: bool = False):
         """x (N, T, D) -> (N, T, D); with return_aux also the balance loss (scalar, fp32)."""
         n, t, d = x.shape
         flat = x.reshape(n * t, d)
-        a = self.gate(flat, cond)
+        a = self.gate.route(x, cond)
         if self.observer is not None:
-            self.observer(self, a.expert_ids.view(n, t, -1), a.weights.view(n, t, -1))
+            self.observer(self, a, n)
         rows, plan = self.dispatcher.dispatch(flat, a)
         y = self.dispatcher.combine(self.experts(rows, plan.groups), plan, a).view(n, t, d)
         if self.shared_experts is not None:

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from ..models.moe import Router, TopKRouter, expert_counts
+from ..models.routers import Router, expert_counts
 
 
 class _SumOverProcesses(torch.autograd.Function):
@@ -47,23 +47,24 @@ def global_balance_loss(probs: torch.Tensor, expert_ids: torch.Tensor, num_exper
     p_t,i over processes) / (tokens summed over processes).
     """
     t = probs.shape[0]
-    pairs_per_token = expert_ids.numel() / t
     counts = expert_counts(expert_ids, num_experts).to(probs.dtype)
     counts_and_tokens = torch.cat([counts, counts.new_full((1,), float(t))])
     dist.all_reduce(counts_and_tokens, group=group)  # f_i is a count: no gradient flows through it
     counts, tokens = counts_and_tokens[:-1], counts_and_tokens[-1]
     prob_sum = _SumOverProcesses.apply(probs.sum(dim=0), group)
-    f = counts * num_experts / (pairs_per_token * tokens)
+    # All pairs of all processes (k * tokens for top-k; routers with a variable number of experts
+    # per token differ between processes).
+    f = counts * num_experts / counts.sum().clamp_min(1.0)
     return alpha * (f * prob_sum / tokens).sum()
 
 
 def attach_global_balance(model: nn.Module, group: Any = None) -> int:
-    """Make every top-k router of `model` compute its balance loss over `group` (None: the world
+    """Make every router of `model` compute its balance loss over `group` (None: the world
     group); returns how many routers it changed. Call after any deepcopy of the model (an EMA
-    copy): process groups cannot be copied."""
+    copy): process groups cannot be copied. Routers without a `loss_fn` raise TypeError."""
     n = 0
     for mod in model.modules():
-        if isinstance(mod, TopKRouter):
+        if isinstance(mod, Router) and hasattr(mod, "loss_fn"):
             mod.loss_fn = functools.partial(global_balance_loss, group=group)
             n += 1
         elif isinstance(mod, Router):
@@ -71,4 +72,16 @@ def attach_global_balance(model: nn.Module, group: Any = None) -> int:
     return n
 
 
-__all__ = ["attach_global_balance", "global_balance_loss"]
+def sum_over_processes(group: Any = None):
+    """A function that sums a tensor over the processes of `group` (None: the world group), for
+    `ditmoe.models.routers.update_routers`: the routers' load counts and cut-offs of the whole
+    global batch."""
+
+    def reduce(t: torch.Tensor) -> torch.Tensor:
+        dist.all_reduce(t, group=group)
+        return t
+
+    return reduce
+
+
+__all__ = ["attach_global_balance", "global_balance_loss", "sum_over_processes"]

@@ -59,7 +59,10 @@ def _ddp(model: nn.Module, dist_info: Any) -> nn.Module:
 
     ids = [dist_info.device.index] if dist_info.device.type == "cuda" else None
     # Gradients as views into the all-reduce buckets: no second copy of every gradient.
-    return DistributedDataParallel(model, device_ids=ids, gradient_as_bucket_view=True)
+    # No buffer broadcast: the routers' buffers (topk_bias bias, race threshold) change only in
+    # `update_routers`, identically on every rank after a sum over processes, and their per-rank
+    # accumulators (load counts of this rank's micro-batches) must not be overwritten by rank 0's.
+    return DistributedDataParallel(model, device_ids=ids, gradient_as_bucket_view=True, broadcast_buffers=False)
 
 
 def _fully_shard(model: nn.Module, expert_mesh: Any = None, param_dtype: torch.dtype | None = None) -> None:

@@ -158,7 +158,8 @@ def _trainable(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
 class ShardedEMA:
     """EMA over this rank's fp32 partitions: the same per-element update as `train.ema.EMA`.
 
-    Frozen parameters and buffers never change, so their EMA is the live value. Reading or
+    Frozen parameters never change, so their EMA is the live value; so are the buffers, which is
+    what the routers' state (topk_bias's bias, thresholds) needs: copied, not averaged. Reading or
     writing full tensors swaps the EMA into the master partitions for a moment and lets
     DeepSpeed's own gather / scatter do the layout (collective: every rank calls it).
     """

@@ -19,6 +19,18 @@ def ema_decay_at(decay: float, warmup: bool, step: int) -> float:
     return min(decay, (1.0 + step) / (10.0 + step))
 
 
+@torch.no_grad()
+def copy_buffers(ema_model: torch.nn.Module, model: torch.nn.Module) -> None:
+    """The live model's buffers into the EMA copy, by name: state such as a router's selection bias
+    or inference threshold is copied, not averaged (an average of biases is no bias the model was
+    trained with)."""
+    live = dict(model.named_buffers())
+    for name, b in ema_model.named_buffers():
+        src = live.get(name)
+        if src is not None and src.shape == b.shape:
+            b.copy_(src)
+
+
 class EMA:
     """Keeps a frozen copy of the model; `update` moves it towards the live weights.
 
@@ -39,6 +51,7 @@ class EMA:
         live = [p.detach() for p in model.parameters()]
         # lerp towards the live weights: e <- e + (1 - decay) (p - e) == decay e + (1 - decay) p.
         torch._foreach_lerp_(ema_params, [p.to(e.dtype) for p, e in zip(live, ema_params)], 1.0 - decay)
+        copy_buffers(self.model, model)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self.model.state_dict()

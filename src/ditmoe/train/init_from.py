@@ -159,8 +159,13 @@ def init_model(model: torch.nn.Module, source: InitSource, run_cfg: ModelConfig,
     target = model.state_dict()
     sd = source.state
     report = InitReport(str(source.path), source.kind)
-    missing = [k for k in target if k not in sd]
-    unexpected = [k for k in sd if k not in target]
+    # Router state (topk_bias's bias, race / token_pool thresholds) is not a weight: a run with
+    # another router starts it fresh, and the weights' own router state is left out.
+    fresh_state = [k for k in target if k not in sd and _is_router_state(k)]
+    dropped_state = [k for k in sd if k not in target and _is_router_state(k)]
+    keep_fresh = set(fresh_state)
+    missing = [k for k in target if k not in sd and k not in keep_fresh]
+    unexpected = [k for k in sd if k not in target and k not in set(dropped_state)]
     bad: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = []
     keep: dict[str, str] = {}
     for k, want in target.items():
@@ -177,13 +182,20 @@ def init_model(model: torch.nn.Module, source: InitSource, run_cfg: ModelConfig,
             bad.append((k, tuple(got), tuple(want.shape)))
     if missing or unexpected or bad:
         raise ValueError(_mismatch_message(source, run_cfg, missing, unexpected, bad))
-    merged = {k: (target[k] if k in keep else sd[k]) for k in target}
+    merged = {k: (target[k] if k in keep or k in keep_fresh else sd[k]) for k in target}
     model.load_state_dict(merged, strict=True)
-    report.loaded = [k for k in target if k not in keep]
-    report.reinitialised = sorted(keep)
+    report.loaded = [k for k in target if k not in keep and k not in keep_fresh]
+    report.reinitialised = sorted(set(keep) | keep_fresh)
     report.lines.append(f"--init-from {source.path}: {source.kind}; {len(report.loaded)} of {len(target)} tensors "
                         "loaded; a new run starts at step 0 with a fresh optimizer and its EMA equal to these weights")
     report.lines.extend(keep[k] for k in sorted(keep))
+    src_router = source.config.router if source.config is not None else "?"
+    if fresh_state:
+        report.lines.append(f"router {run_cfg.router}: its state ({len(fresh_state)} buffers, e.g. {fresh_state[0]}) "
+                            f"starts fresh; the weights were trained with router {src_router}")
+    if dropped_state:
+        report.lines.append(f"the weights' router state ({len(dropped_state)} buffers, e.g. {dropped_state[0]}) of router "
+                            f"{src_router} is left out: this run routes with {run_cfg.router}")
     report.lines.extend(_setting_notes(source, run_cfg, process))
     if log:
         for line in report.lines:
@@ -282,6 +294,15 @@ def matching_registry_names(src: ModelConfig, run_cfg: ModelConfig) -> list[str]
     return names
 
 
+ROUTER_STATE = ("bias", "threshold", "threshold_updates", "thresholds")
+
+
+def _is_router_state(key: str) -> bool:
+    """A router's persistent state buffer (`blocks.i.moe.gate.<name>`), not a trained weight."""
+    head, _, name = key.rpartition(".")
+    return head.endswith(".gate") and name in ROUTER_STATE
+
+
 def _describe(cfg: ModelConfig) -> str:
     experts = f"{cfg.num_experts} {cfg.expert_type} experts (top-{cfg.top_k})" if cfg.is_moe else "dense"
     return (f"depth {cfg.depth}, hidden {cfg.hidden_size}, patch {cfg.patch_size}, {experts}, "
@@ -301,6 +322,11 @@ def _mismatch_message(source: InitSource, run_cfg: ModelConfig, missing: list[st
     if unexpected:
         lines.append(f"  in the weights but not in the run's model ({len(unexpected)}): {unexpected[:5]}")
     src = source.config
+    if src is not None and src.is_moe and run_cfg.is_moe and src.router != run_cfg.router and any(
+            ".gate." in k for k in missing + unexpected):
+        lines.append(f"The weights route with router {src.router}, this run with {run_cfg.router}, whose parameters "
+                     f"differ; give --model-router {src.router} (router state such as biases and thresholds would "
+                     "start fresh, but parameters such as prototypes or a capacity predictor cannot).")
     if src is not None:
         lines.append(f"The weights are {'' if source.config_recorded else 'by their shapes '}a model with {_describe(src)}.")
         if src.in_channels != run_cfg.in_channels:

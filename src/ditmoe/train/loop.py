@@ -22,7 +22,7 @@ from typing import Any, Iterator
 
 import torch
 
-from ..config import ModelConfig, TrainConfig
+from ..config import STATEFUL_ROUTERS, ModelConfig, TrainConfig
 from .. import kernels
 from ..devices import resolve_device
 from ..registry import create_model, get_config
@@ -241,6 +241,7 @@ class Trainer:
         self.micro_batch = micro
         self.accum = cfg.global_batch // (world * micro)
 
+        self.has_stateful_routers = self.model_cfg.is_moe and self.model_cfg.router in STATEFUL_ROUTERS
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         # The reference model with the speed layers (before the EMA copy, which then has them too).
         self.model = kernels.apply(create_model(self.model_cfg).to(self.dist.device))
@@ -386,11 +387,11 @@ class Trainer:
         return state
 
     def _check_resume_model(self, state: dict[str, Any]) -> None:
-        # Read through ModelConfig: fields added since the checkpoint was written take their defaults.
-        saved_model = ModelConfig.from_json(state["model_config"]).to_dict()
-        if saved_model != self.model_cfg.to_dict():
+        # Through ModelConfig: fields added since the checkpoint was written take their defaults.
+        saved_model = ModelConfig.from_dict(json.loads(state["model_config"])).comparable()
+        if saved_model != self.model_cfg.comparable():
             raise ValueError(f"checkpoint {state['_path']} was trained with another model config "
-                             f"({describe_config_difference(saved_model, self.model_cfg.to_dict())}); "
+                             f"({describe_config_difference(saved_model, self.model_cfg.comparable())}); "
                              "resume with the same --model and overrides, or start a new run in another --out")
 
     def _restore_progress(self, state: dict[str, Any]) -> None:
@@ -457,8 +458,26 @@ class Trainer:
     def optimizer_step(self) -> torch.Tensor | None:
         """Unscale, clip, step the optimizer (the engine) and the EMA once per global batch."""
         grad_norm = self.engine.step()
+        # Before the EMA, which copies the routers' new state (DeepSpeed's sharded EMA reads the
+        # live buffers).
+        self.update_routers()
         self.ema.update(self.model, self.step)
         return grad_norm
+
+    def update_routers(self) -> None:
+        """Stateful routers (topk_bias's bias, race's threshold) move with the statistics of the whole
+        global batch: every micro-batch of this process (accumulated in their buffers during the
+        forwards) summed over the data-parallel processes."""
+        if not self.has_stateful_routers:
+            return
+        from ..models.routers import update_routers
+
+        reduce = None
+        if self.dist.world > 1:
+            from ..parallel import sum_over_processes
+
+            reduce = sum_over_processes()
+        update_routers(self.model, reduce)
 
     def _lr_at(self, step: int) -> float:
         return lr_at(self.cfg, step)
@@ -547,6 +566,11 @@ class Trainer:
                         last["grad_norm"] = float(grad_norm)
                     loads = tracker.fractions_and_reset()
                     last["expert_load_cv"] = tracker.mean_cv(loads)
+                    if self.model_cfg.is_moe and self.model_cfg.router != "topk_softmax":
+                        from ..models.routers import router_statistics
+
+                        last["unrouted_fraction"] = tracker.unrouted_fraction_and_reset()
+                        last.update({f"router_{k}": v for k, v in router_statistics(self.model).items()})
                     logger.log(self.step, last, loads)
                     progress.set(last)
                     sums = {k: 0.0 for k in sums}

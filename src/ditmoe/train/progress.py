@@ -234,16 +234,20 @@ def _csv_header(path: Path) -> list[str] | None:
 
 
 class ExpertLoadTracker:
-    """Counts tokens per expert in every MoE layer while training (counts stay on the device)."""
+    """Counts (token, expert) pairs per expert in every MoE layer while training, and the tokens
+    that went to no routed expert (capacity- and threshold-based routers); counts stay on the device."""
 
     def __init__(self, model: torch.nn.Module):
         self.layers = model.moe_layers() if hasattr(model, "moe_layers") else []
         self.counts: dict[int, torch.Tensor] = {}
+        self.tokens: torch.Tensor | None = None  # [tokens seen, tokens without a routed expert], all layers
 
     def __enter__(self) -> "ExpertLoadTracker":
         for i, moe in self.layers:
             self.counts[i] = torch.zeros(moe.num_experts, dtype=torch.long, device=moe.gate.weight.device)
             moe.observer = self._observer(i)
+        if self.layers:
+            self.tokens = torch.zeros(2, dtype=torch.long, device=self.layers[0][1].gate.weight.device)
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -251,10 +255,23 @@ class ExpertLoadTracker:
             moe.observer = None
 
     def _observer(self, layer: int):
-        def observe(moe, topk_idx, topk_w):
-            self.counts[layer] += torch.bincount(topk_idx.reshape(-1), minlength=moe.num_experts)
+        def observe(moe, a, n):
+            self.counts[layer] += torch.bincount(a.expert, minlength=moe.num_experts)
+            if not a.k:  # top-k assignments route every token
+                unrouted = (a.pairs_per_token() == 0).sum()
+                self.tokens += torch.stack([unrouted.new_tensor(a.num_tokens), unrouted])
+            else:
+                self.tokens[0] += a.num_tokens
 
         return observe
+
+    def unrouted_fraction_and_reset(self) -> float:
+        """Share of (token, layer) routings since the last call that went to no routed expert."""
+        if self.tokens is None:
+            return 0.0
+        seen, unrouted = self.tokens.tolist()
+        self.tokens.zero_()
+        return unrouted / seen if seen else 0.0
 
     def fractions_and_reset(self) -> dict[int, list[float]]:
         out = {}
