@@ -13,14 +13,14 @@ start=$(date +%s)
 
 ditmoe train --config configs/mnist.yaml --out "$OUT" --resume auto
 ditmoe sample --ckpt "$OUT/model_ema.safetensors" --out "$OUT/samples" --classes all --per-class 10 --seed 0
-# 500 samples for the evaluation: FID against the MNIST test set on the features of a small MNIST
+# 1000 samples for the evaluation: FID against the MNIST test set on the features of a small MNIST
 # classifier (trained once and cached), and how often that classifier sees the requested class.
-# 500 real training images give the floor of that FID at the same sample count.
-ditmoe sample --ckpt "$OUT/model_ema.safetensors" --out "$OUT/eval_samples" --classes all --per-class 50 \
+# 1000 real training images give the floor of that FID at the same sample count.
+ditmoe sample --ckpt "$OUT/model_ema.safetensors" --out "$OUT/eval_samples" --classes all --per-class 100 \
     --seed 1 --max-grid 100
 ditmoe eval --samples "$OUT/eval_samples/samples.npz" --ref mnist --out "$OUT/eval.json"
-python -m ditmoe.data.real_subset --n 500 --out "$OUT/real_500.npz"
-ditmoe eval --samples "$OUT/real_500.npz" --ref mnist --out "$OUT/eval_real_floor.json"
+python -m ditmoe.data.real_subset --n 1000 --out "$OUT/real_1000.npz"
+ditmoe eval --samples "$OUT/real_1000.npz" --ref mnist --out "$OUT/eval_real_floor.json"
 ditmoe analyze --ckpt "$OUT/model_ema.safetensors" --out "$OUT/analysis" --per-class 10
 
 # One self-contained page with all of the above (settings, curves, expert load, grid, FID, findings).

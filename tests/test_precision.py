@@ -18,7 +18,7 @@ from ditmoe.precision import (
 )
 from ditmoe.registry import get_config
 
-MNIST = get_config("DiT-MoE-mnist")  # D = 96
+MNIST = get_config("DiT-MoE-mnist")  # D = 128
 S2 = get_config("DiT-MoE-S/2-8E2A")  # D = 384
 
 
@@ -193,8 +193,8 @@ def test_sync_ranks_without_process_group_decides_locally(tmp_path):
 # ---------------------------------------------------------------------------------------- the probe
 def test_probe_shape_follows_the_model():
     mnist, s2 = probe_shape(MNIST), probe_shape(S2)
-    assert (mnist.width, mnist.heads, mnist.tokens) == (96, 4, 64)
-    assert mnist.mlp_width == 2 * 192 + 96  # top-2 routed experts + the shared expert
+    assert (mnist.width, mnist.heads, mnist.tokens) == (128, 4, 16)
+    assert mnist.mlp_width == 2 * 256 + 128  # top-2 routed experts + the shared expert
     assert (s2.width, s2.heads, s2.tokens, s2.mlp_width) == (384, 6, 256, 2 * 1536 + 768)
     xl = probe_shape(get_config("DiT-MoE-XL/2-8E2A"))  # capped width, same head size and MLP ratio
     assert xl.width < 1152 and xl.width % (1152 // 16) == 0 and xl.mlp_width * 1152 == xl.width * (2 * 4608 + 2304)
@@ -224,7 +224,7 @@ def test_cli_prints_the_decision(capsys):
     main(["DiT-MoE-mnist", "--device", "meta"])
     out = capsys.readouterr().out
     assert re.search(r"^CPU: .+ torch ", out, re.M)
-    assert "DiT-MoE-mnist (D=96, 64 tokens): auto = fp32 [device]" in out
+    assert "DiT-MoE-mnist (D=128, 16 tokens): auto = fp32 [device]" in out
 
 
 def test_trainer_choice_delegates():
