@@ -28,6 +28,7 @@ one, which gives the official model (the rest of the network is the same computa
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -120,7 +121,9 @@ class OfficialMoE(nn.Module):
         self.shared_experts = OfficialSwiGLU(dim, shared_hidden, tp) if shared_hidden > 0 else None
         self.last_aux: torch.Tensor | None = None
 
-    def forward(self, hidden_states: torch.Tensor, return_aux: bool = False):
+    def forward(self, hidden_states: torch.Tensor, cond: Any = None, return_aux: bool = False):
+        """`cond` (the labels the package's blocks pass to every MoE layer) is unused: the
+        official routing sees only the tokens."""
         identity = hidden_states
         orig_shape = hidden_states.shape
         topk_idx, topk_weight, aux_loss = self.gate(hidden_states)
