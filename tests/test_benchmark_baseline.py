@@ -69,8 +69,8 @@ def reference(off: OfficialMoE, x: torch.Tensor, idx: torch.Tensor, w: torch.Ten
 
 class PlantedPackageGate(Router):
     def __init__(self, idx, w):
-        super().__init__()
-        self.idx, self.w, self.num_experts = idx, w, E
+        super().__init__(E)
+        self.idx, self.w = idx, w
 
     def forward(self, x, cond=None):
         return Assignment.top_k(self.idx, self.w, torch.full((x.shape[0], E), 1.0 / E))

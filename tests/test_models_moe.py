@@ -46,8 +46,8 @@ class ForcedGate(Router):
     """A router that returns a planted choice `idx` (T, k) with random weights."""
 
     def __init__(self, idx: torch.Tensor, num_experts: int):
-        super().__init__()
-        self.idx, self.num_experts = idx, num_experts
+        super().__init__(num_experts)
+        self.idx = idx
         self.w = torch.rand(idx.shape, generator=torch.Generator().manual_seed(1)) + 0.1
 
     def forward(self, x, cond=None):

@@ -140,6 +140,17 @@ class Router(nn.Module):
 
     num_experts: int
 
+    def __init__(self, num_experts: int, dim: int | None = None):
+        """`dim` given: the rule scores tokens with a gate `weight` (E, D), a linear map without
+        bias initialised as nn.Linear's (as the official gate). `loss_fn` computes the balance loss
+        from (probs, expert ids, E, alpha); `ditmoe.parallel.attach_global_balance` replaces it."""
+        super().__init__()
+        self.num_experts = num_experts
+        if dim is not None:
+            self.weight = nn.Parameter(torch.empty(num_experts, dim))
+            nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        self.loss_fn: BalanceLoss = balance_loss
+
     def route(self, x: torch.Tensor, cond: Any = None) -> Assignment:
         return self(x.reshape(-1, x.shape[-1]), cond)
 
@@ -162,18 +173,11 @@ class Router(nn.Module):
 
 
 class TopKRouter(Router):
-    """Linear D -> E (no bias), softmax, top-k. Official name: `moe.gate`, parameter `weight` (E, D).
-
-    `loss_fn` computes the balance loss from (probs, expert ids, E, alpha); `balance_loss` by
-    default. `ditmoe.parallel.attach_global_balance` replaces it with one over all processes.
-    """
+    """Linear D -> E (no bias), softmax, top-k. Official name: `moe.gate`, parameter `weight` (E, D)."""
 
     def __init__(self, dim: int, num_experts: int, top_k: int, norm_topk: bool, aux_alpha: float = 0.01):
-        super().__init__()
-        self.num_experts, self.top_k, self.norm_topk, self.aux_alpha = num_experts, top_k, norm_topk, aux_alpha
-        self.weight = nn.Parameter(torch.empty(num_experts, dim))
-        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))  # as nn.Linear, as the official gate
-        self.loss_fn: BalanceLoss = balance_loss
+        super().__init__(num_experts, dim)
+        self.top_k, self.norm_topk, self.aux_alpha = top_k, norm_topk, aux_alpha
 
     def forward(self, x: torch.Tensor, cond: Any = None) -> Assignment:
         probs = router_logits(x, self.weight).softmax(dim=-1)
@@ -240,12 +244,9 @@ class ExpertChoiceRouter(Router):
 
     def __init__(self, dim: int, num_experts: int, top_k: int, capacity_factor: float = 1.0,
                  score: str = "softmax", aux_alpha: float = 0.0):
-        super().__init__()
-        self.num_experts, self.top_k, self.capacity_factor = num_experts, top_k, capacity_factor
+        super().__init__(num_experts, dim)
+        self.top_k, self.capacity_factor = top_k, capacity_factor
         self.score, self.aux_alpha = score, aux_alpha
-        self.weight = nn.Parameter(torch.empty(num_experts, dim))
-        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
-        self.loss_fn: BalanceLoss = balance_loss
 
     def capacity(self, tokens_per_image: int) -> int:
         c = math.ceil(self.capacity_factor * tokens_per_image * self.top_k / self.num_experts - 1e-9)
@@ -283,12 +284,9 @@ class RaceRouter(Router):
 
     def __init__(self, dim: int, num_experts: int, top_k: int, score: str = "sigmoid",
                  threshold_decay: float = 0.99, aux_alpha: float = 0.0):
-        super().__init__()
-        self.num_experts, self.top_k, self.score = num_experts, top_k, score
+        super().__init__(num_experts, dim)
+        self.top_k, self.score = top_k, score
         self.threshold_decay, self.aux_alpha = threshold_decay, aux_alpha
-        self.weight = nn.Parameter(torch.empty(num_experts, dim))
-        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
-        self.loss_fn: BalanceLoss = balance_loss
         self.register_buffer("threshold", torch.zeros((), dtype=torch.float32))
         self.register_buffer("threshold_updates", torch.zeros((), dtype=torch.long))
         # [sum of cut-offs, number of forwards] since the last optimizer step.
@@ -344,14 +342,11 @@ class TokenPoolRouter(Router):
     def __init__(self, dim: int, num_experts: int, top_k: int, capacity_factor: float = 1.0,
                  score: str = "softmax", threshold_decay: float = 0.99, aux_alpha: float = 0.0,
                  capacity_warmup_steps: int = 0):
-        super().__init__()
-        self.num_experts, self.top_k, self.capacity_factor = num_experts, top_k, capacity_factor
+        super().__init__(num_experts, dim)
+        self.top_k, self.capacity_factor = top_k, capacity_factor
         self.score, self.threshold_decay, self.aux_alpha = score, threshold_decay, aux_alpha
         self.capacity_warmup_steps = capacity_warmup_steps
-        self.weight = nn.Parameter(torch.empty(num_experts, dim))
-        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
         self.predictor = nn.Sequential(nn.Linear(dim, dim), nn.SiLU(), nn.Linear(dim, num_experts))
-        self.loss_fn: BalanceLoss = balance_loss
         self.register_buffer("thresholds", torch.zeros(num_experts, dtype=torch.float32))
         self.register_buffer("threshold_updates", torch.zeros((), dtype=torch.long))
         # [cut-off sums (E), forwards, predictor agreements, predictions] since the last optimizer step.
@@ -439,15 +434,14 @@ class PrototypeRouter(Router):
 
     def __init__(self, dim: int, num_experts: int, top_k: int, num_classes: int, score: str = "auto",
                  contrastive_weight: float = 1.0, temperature: float = 0.07, aux_alpha: float = 0.0):
-        super().__init__()
+        super().__init__(num_experts)  # no gate weight: tokens are scored against the prototypes
         if num_experts < 2 or not 1 <= top_k <= num_experts - 1:
             raise ValueError(f"prototype routing needs num_experts >= 2 and 1 <= top_k <= num_experts - 1, got "
                              f"{num_experts} experts, top_k {top_k}")
-        self.num_experts, self.top_k, self.num_classes, self.score = num_experts, top_k, num_classes, score
+        self.top_k, self.num_classes, self.score = top_k, num_classes, score
         self.contrastive_weight, self.temperature, self.aux_alpha = contrastive_weight, temperature, aux_alpha
         self.prototypes = nn.Parameter(torch.empty(num_experts - 1, dim))
         nn.init.normal_(self.prototypes, std=0.02)
-        self.loss_fn: BalanceLoss = balance_loss
         self.register_buffer("usage", torch.zeros(num_experts, dtype=torch.float64), persistent=False)
         self._last_loss: torch.Tensor | None = None
 
