@@ -15,7 +15,8 @@ import ditmoe
 from ditmoe.cli import main
 from ditmoe.config import ModelConfig
 from ditmoe.models.moe import MoE
-from ditmoe.models.routers import (BiasTopKRouter, ExpertChoiceRouter, RaceRouter, build_router, update_routers)
+from ditmoe.models.routers import (BiasTopKRouter, ExpertChoiceRouter, RaceRouter, build_router,
+                                   router_similarity_loss, update_routers)
 from tolerances import EPS64, TINY_DIT_CHAIN, TINY_DIT_K, assert_close_fp32, rel_err
 
 ROUTED = ["topk_softmax", "topk_bias", "expert_choice", "race", "token_pool", "prototype"]
@@ -257,6 +258,66 @@ def test_planted_race_gives_a_hard_token_many_experts_and_easy_ones_none():
     assert a.token.numel() == 8
 
 
+def ref_similarity_loss(probs: torch.Tensor, selected: torch.Tensor) -> float:
+    """The router-similarity loss written out pair by pair in float64: F_ij = how often experts i
+    and j were chosen for the same token, scaled to mean 1 over the diagonal and over the rest;
+    Q_ij = mean over tokens of p_i p_j; L = sum F_ij Q_ij / E."""
+    p, m = probs.double().tolist(), selected.double().tolist()
+    t, e = len(p), len(p[0])
+    co = [[sum(m[n][i] * m[n][j] for n in range(t)) for j in range(e)] for i in range(e)]
+    diag = sum(co[i][i] for i in range(e))
+    off = sum(co[i][j] for i in range(e) for j in range(e) if i != j)
+    total = 0.0
+    for i in range(e):
+        for j in range(e):
+            f = co[i][j] * e / diag if i == j else co[i][j] * (e * e - e) / off
+            total += f * sum(p[n][i] * p[n][j] for n in range(t)) / t
+    return total / e
+
+
+def test_router_similarity_loss_matches_float64_reference_and_its_closed_form():
+    g = torch.Generator().manual_seed(3)
+    probs = torch.randn(12, 5, generator=g, dtype=torch.float64).softmax(-1)
+    selected = (torch.rand(12, 5, generator=g, dtype=torch.float64) < 0.4).double()
+    assert abs(float(router_similarity_loss(probs, selected)) - ref_similarity_loss(probs, selected)) < 1e-12
+    # uniform probabilities, every pair equally often chosen (every token takes every expert): 1/E
+    for e in (2, 4, 8):
+        uniform = router_similarity_loss(torch.full((6, e), 1.0 / e, dtype=torch.float64),
+                                         torch.ones(6, e, dtype=torch.float64))
+        assert abs(float(uniform) - 1.0 / e) < 1e-12
+
+
+def test_router_similarity_loss_pushes_apart_experts_that_are_always_chosen_together():
+    # experts 0 and 1 are chosen together for every token, 2 and 3 never together
+    logits = torch.zeros(8, 4, dtype=torch.float64, requires_grad=True)
+    selected = torch.tensor([[1.0, 1.0, 0.0, 0.0]] * 4 + [[0.0, 0.0, 1.0, 0.0], [0.0, 0.0, 0.0, 1.0]] * 2,
+                            dtype=torch.float64)
+    router_similarity_loss(logits.softmax(-1), selected).backward()
+    # descending the loss lowers p_0 p_1 on the tokens where 0 and 1 ran together: their logits move
+    # apart or down relative to the experts seldom chosen with another
+    g = logits.grad[:4]
+    assert (g[:, 0] > g[:, 2]).all() and (g[:, 1] > g[:, 3]).all()
+
+
+def test_race_similarity_loss_is_added_to_the_aux_loss_with_its_weight():
+    x = torch.randn(2, 6, DIM, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    plain = make_layer("race").train()
+    weighted = make_layer("race", similarity_weight=0.5).train()
+    weighted.load_state_dict(plain.state_dict())
+    _, aux_plain = plain(x, return_aux=True)
+    _, aux = weighted(x, return_aux=True)
+    r = weighted.gate
+    logits = x.reshape(-1, DIM) @ r.weight.t()
+    s = torch.sigmoid(logits).reshape(-1)
+    chosen = torch.topk(s, k=12 * r.top_k).indices
+    selected = torch.zeros(12 * E, dtype=torch.float64).index_fill_(0, chosen, 1.0).view(12, E)
+    want = 0.5 * ref_similarity_loss(logits.softmax(-1), selected)
+    assert abs(float((aux - aux_plain).detach()) - want) < 1e-12
+    assert abs(r.statistics()["similarity_loss"] - want) < 1e-12
+    weighted.eval()
+    assert weighted(x, return_aux=True)[1] == 0  # no training selection at inference: no loss
+
+
 def test_prototype_sends_every_null_class_token_to_the_unconditional_expert():
     torch.manual_seed(0)
     model = ditmoe.create_model("debug", router="prototype", top_k=1, class_dropout_prob=0.5)
@@ -427,6 +488,8 @@ def test_config_defaults_and_old_configs():
     ({"router": "prototype", "class_dropout_prob": 0.0}, "prototype needs a null class"),
     ({"router": "prototype", "top_k": 4}, "top_k 4 must be between 1 and num_experts - 1 = 3"),
     ({"router": "prototype", "contrastive_temperature": 0.0}, "contrastive_temperature"),
+    ({"router": "race", "similarity_weight": -1.0}, "similarity_weight must be >= 0"),
+    ({"router": "race", "similarity_weight": float("nan")}, "similarity_weight must be >= 0"),
 ])
 def test_bad_router_settings_are_clear_errors(override, message):
     with pytest.raises(ValueError, match=message):

@@ -107,6 +107,8 @@ class ModelConfig:
     route_scale: float = option(1.0, "topk_bias: gate weights (after the optional norm_topk) are multiplied by this")
     contrastive_weight: float = option(1.0, "prototype: weight of the routing contrastive loss; 0 disables it")
     contrastive_temperature: float = option(0.07, "prototype: temperature of the routing contrastive loss")
+    similarity_weight: float = option(0.0, "race: weight of the router-similarity loss (Race-DiT; the balance loss "
+                                      "over pairs of experts chosen together); 0 disables it")
     threshold_decay: float = option(0.99, "race, token_pool: EMA decay of the inference threshold(s) towards the "
                                     "training cut-off (updated once per optimizer step)")
     moe_placement: str = option("all", "which blocks carry a MoE layer (the paper's placement ablation)",
@@ -222,6 +224,8 @@ class ModelConfig:
                                 "learns from the label-dropped images)")
         if not (self.contrastive_weight >= 0 and math.isfinite(self.contrastive_weight)):
             problems.append(f"contrastive_weight must be >= 0, got {self.contrastive_weight}")
+        if not (self.similarity_weight >= 0 and math.isfinite(self.similarity_weight)):
+            problems.append(f"similarity_weight must be >= 0, got {self.similarity_weight}")
         if not (self.contrastive_temperature > 0 and math.isfinite(self.contrastive_temperature)):
             problems.append(f"contrastive_temperature must be a positive number, got {self.contrastive_temperature}")
         if self.router == "topk_softmax" and self.router_score == "sigmoid":

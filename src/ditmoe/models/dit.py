@@ -29,7 +29,8 @@ class DiTBlock(nn.Module):
                                   bias_update_rate=cfg.bias_update_rate,
                                   route_scale=cfg.route_scale, threshold_decay=cfg.threshold_decay,
                                   num_classes=cfg.num_classes, contrastive_weight=cfg.contrastive_weight,
-                                  contrastive_temperature=cfg.contrastive_temperature)
+                                  contrastive_temperature=cfg.contrastive_temperature,
+                                  similarity_weight=cfg.similarity_weight)
             self.moe = MoE(d, cfg.num_experts, cfg.top_k, cfg.routed_hidden, cfg.shared_width,
                            kind=cfg.expert_type, router=router)
         else:

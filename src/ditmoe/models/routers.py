@@ -115,6 +115,27 @@ def balance_loss(probs: torch.Tensor, expert_ids: torch.Tensor, num_experts: int
 BalanceLoss = Callable[[torch.Tensor, torch.Tensor, int, float], torch.Tensor]
 
 
+def router_similarity_loss(probs: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:
+    """Router-similarity loss (Race-DiT): Eq. 5's balance loss extended from experts to pairs of experts.
+
+    probs (T, E): softmax of the router logits; selected (T, E): 0/1, which (token, expert) pairs
+    were chosen. With C = selected^T selected (how often experts i and j were chosen for the same
+    token; C_ii = expert i's load) and Q = probs^T probs / T (the mean of p_i p_j over tokens),
+    L = 1/E * sum_ij F_ij Q_ij, where F is C normalised to mean 1 on the diagonal and to mean 1 off
+    it. The diagonal is the balance loss on p_i^2; the off-diagonal part lowers the joint
+    probability of pairs that are chosen together more often than the others, so experts do not
+    collapse into fixed teams. With every pair equally frequent and p uniform, L = 1/E^2 + (E-1)/E^2 = 1/E.
+    """
+    t, e = probs.shape
+    co = selected.t() @ selected  # (E, E)
+    q = probs.t() @ probs / max(t, 1)
+    diag = torch.eye(e, dtype=torch.bool, device=probs.device)
+    on = co.diagonal().sum().clamp_min(1.0)
+    off = (co.sum() - co.diagonal().sum()).clamp_min(1.0)
+    f = torch.where(diag, co * (e / on), co * (max(e * e - e, 1) / off))
+    return (f * q).sum() / e
+
+
 def router_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x (T, D) @ weight (E, D)^T in fp32 (float64 for float64 inputs), even under autocast: bf16
     logits flip near-tied choices, and the router is a negligible share of the FLOPs."""
@@ -280,13 +301,18 @@ class RaceRouter(Router):
     mean cut-off (the first update sets it). Inference: every pair with s >= threshold, so no
     image depends on another; before any update (a model never trained with this rule) inference
     falls back to top-k per token.
+
+    `similarity_weight` > 0 adds the router-similarity loss (`router_similarity_loss`) of the
+    training selection to the aux loss, against experts that are always chosen together.
     """
 
     def __init__(self, dim: int, num_experts: int, top_k: int, score: str = "sigmoid",
-                 threshold_decay: float = 0.99, aux_alpha: float = 0.0):
+                 threshold_decay: float = 0.99, aux_alpha: float = 0.0, similarity_weight: float = 0.0):
         super().__init__(num_experts, dim)
         self.top_k, self.score = top_k, score
         self.threshold_decay, self.aux_alpha = threshold_decay, aux_alpha
+        self.similarity_weight = similarity_weight
+        self._last_loss: torch.Tensor | None = None
         self.register_buffer("threshold", torch.zeros((), dtype=torch.float32))
         self.register_buffer("threshold_updates", torch.zeros((), dtype=torch.long))
         # [sum of cut-offs, number of forwards] since the last optimizer step.
@@ -294,13 +320,19 @@ class RaceRouter(Router):
 
     def forward(self, x: torch.Tensor, cond: Any = None) -> Assignment:
         t, e = x.shape[0], self.num_experts
-        s = scores_of(router_logits(x, self.weight), self.score)  # (T, E)
+        logits = router_logits(x, self.weight)
+        s = scores_of(logits, self.score)  # (T, E)
         if self.training:
             w, flat = torch.topk(s.reshape(-1), k=t * self.top_k, sorted=False)
             token, expert = flat // e, flat % e
             cutoff = w.detach().min()
             self.pending += torch.stack([cutoff.double(), cutoff.new_ones((), dtype=torch.float64)])
-            return Assignment(token, expert, w, s, 0)
+            extra = None
+            if self.similarity_weight > 0:
+                selected = torch.zeros(t * e, dtype=s.dtype, device=s.device).index_fill_(0, flat, 1.0).view(t, e)
+                extra = self.similarity_weight * router_similarity_loss(logits.softmax(dim=-1), selected)
+                self._last_loss = extra.detach()
+            return Assignment(token, expert, w, s, 0, extra)
         if int(self.threshold_updates) == 0:
             w, idx = torch.topk(s, k=self.top_k, dim=-1, sorted=False)
             return Assignment.top_k(idx, w, s)
@@ -320,7 +352,10 @@ class RaceRouter(Router):
         self.pending.zero_()
 
     def statistics(self) -> dict[str, float]:
-        return {"threshold": float(self.threshold)}
+        out = {"threshold": float(self.threshold)}
+        if self._last_loss is not None:  # the last training forward's, read at log time only
+            out["similarity_loss"] = float(self._last_loss)
+        return out
 
 
 class TokenPoolRouter(Router):
@@ -515,7 +550,7 @@ def build_router(kind: str, dim: int, num_experts: int, top_k: int, *, norm_topk
                  capacity_warmup_steps: int = 0,
                  bias_update_rate: float = 1e-3, route_scale: float = 1.0, threshold_decay: float = 0.99,
                  num_classes: int = 1000, contrastive_weight: float = 1.0,
-                 contrastive_temperature: float = 0.07) -> Router:
+                 contrastive_temperature: float = 0.07, similarity_weight: float = 0.0) -> Router:
     """The router of rule `kind` (one of ROUTERS) with its knobs; None / "auto" take the rule's defaults."""
     if kind not in ROUTERS:
         raise ValueError(f"unknown router {kind!r}; choose one of {ROUTERS}")
@@ -535,7 +570,7 @@ def build_router(kind: str, dim: int, num_experts: int, top_k: int, *, norm_topk
     if kind == "token_pool":
         return TokenPoolRouter(dim, num_experts, top_k, capacity_factor, score, threshold_decay, alpha,
                                capacity_warmup_steps)
-    return RaceRouter(dim, num_experts, top_k, score, threshold_decay, alpha)
+    return RaceRouter(dim, num_experts, top_k, score, threshold_decay, alpha, similarity_weight)
 
 
 def routers_of(model: nn.Module) -> list[Router]:
@@ -561,4 +596,4 @@ def router_statistics(model: nn.Module) -> dict[str, float]:
 
 __all__ = ["ROUTERS", "SCORE_FUNCS", "Assignment", "BalanceLoss", "BiasTopKRouter", "ExpertChoiceRouter",
            "PrototypeRouter", "RaceRouter", "Reduce", "Router", "TokenPoolRouter", "TopKRouter", "balance_loss", "build_router", "expert_counts",
-           "router_logits", "router_statistics", "routers_of", "update_routers"]
+           "router_logits", "router_similarity_loss", "router_statistics", "routers_of", "update_routers"]
