@@ -146,11 +146,22 @@ def test_inception_score_closed_forms():
     assert inception_score(confident_logits, splits=3, from_logits=True)[0] == pytest.approx(k, rel=1e-6)
 
 
+def test_inception_score_of_class_sorted_samples_sees_every_class_in_every_chunk():
+    # `ditmoe sample --classes all --per-class N` writes class by class: confident, correct
+    # predictions of 10 classes score 10, however the file is ordered
+    k = 10
+    class_sorted = np.repeat(np.eye(k), 20, axis=0)
+    mean, std = inception_score(class_sorted, splits=10)
+    assert mean == pytest.approx(k, rel=1e-12) and std == pytest.approx(0.0, abs=1e-12)
+    shuffled = class_sorted[np.random.default_rng(1).permutation(len(class_sorted))]
+    assert inception_score(shuffled, splits=1)[0] == pytest.approx(k, rel=1e-12)
+
+
 def test_inception_score_matches_direct_formula():
     rng = np.random.default_rng(0)
     p = rng.dirichlet(np.ones(7) * 0.3, size=60)
     scores = []
-    for chunk in (p[:20], p[20:40], p[40:]):
+    for chunk in (p[0::3], p[1::3], p[2::3]):
         py = chunk.mean(0)
         kl = [sum(pi * np.log(pi / qi) for pi, qi in zip(row, py) if pi > 0) for row in chunk]
         scores.append(np.exp(np.mean(kl)))
