@@ -9,7 +9,9 @@ Every rule runs at the same nominal activated compute (k = 2 of E = 8 experts of
 expert 2D; capacity_factor 1, so expert_choice and token_pool also average k pairs per token; race
 takes exactly T k pairs). Rounds rotate the order of the rules; the table gives the median time
 per token, the ratio to topk_softmax and the measured pairs per token (the activated compute).
-`--json PATH` also writes the numbers.
+`--json PATH` also writes the numbers. `--reference-dispatch` adds, per rule, the same layer with
+the reference model's dispatcher (`ditmoe.models.moe.Dispatcher`: unpadded, no written-out
+backward passes) in place of the speed layers' plan, timed in the same rounds.
 """
 
 from __future__ import annotations
@@ -37,12 +39,14 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     p.add_argument("--json", default="", help="also write the results to this JSON file")
+    p.add_argument("--reference-dispatch", action="store_true",
+                   help="also time each rule with the reference dispatcher instead of the fast plan")
     args = p.parse_args()
     if min(args.dim, args.images, args.tokens, args.rounds, args.threads, args.experts, args.top_k) < 1:
         p.error("every size, --rounds and --threads must be at least 1")
     torch.set_num_threads(args.threads)
     from ditmoe import kernels
-    from ditmoe.models.moe import MoE
+    from ditmoe.models.moe import Dispatcher, MoE
     from ditmoe.models.routers import build_router, update_routers
 
     dev = torch.device(args.device)
@@ -53,6 +57,13 @@ def main() -> None:
         torch.manual_seed(0)
         router = build_router(rule, d, e, k, num_classes=10)
         layers[rule] = kernels.apply(MoE(d, e, k, hidden, 2 * d, router=router)).to(dev).train()
+        if args.reference_dispatch:
+            torch.manual_seed(0)
+            router = build_router(rule, d, e, k, num_classes=10)
+            ref = kernels.apply(MoE(d, e, k, hidden, 2 * d, router=router)).to(dev).train()
+            ref.dispatcher = Dispatcher()
+            layers[f"{rule} (reference dispatch)"] = ref
+    names = list(layers)
     x = torch.randn(args.images, args.tokens, d, device=dev, requires_grad=True)
     g = torch.randn(args.images, args.tokens, d, device=dev)
     labels = torch.randint(0, 10, (args.images,), device=dev)
@@ -82,13 +93,13 @@ def main() -> None:
         sync()
         return time.perf_counter() - t0
 
-    for rule in RULES:  # warm-up (kernels compile, oneDNN caches); the pairs of each rule
+    for rule in names:  # warm-up (kernels compile, oneDNN caches); the pairs of each rule
         layers[rule].observer = lambda moe, a, n, rule=rule: pairs.__setitem__(rule, a.token.numel() / a.num_tokens)
         step(rule)
         layers[rule].observer = None
-    times: dict[str, list[float]] = {r: [] for r in RULES}
+    times: dict[str, list[float]] = {r: [] for r in names}
     for i in range(args.rounds):
-        order = RULES[i % len(RULES):] + RULES[:i % len(RULES)]
+        order = names[i % len(names):] + names[:i % len(names)]
         for rule in order:
             times[rule].append(step(rule))
     n_tok = args.images * args.tokens
@@ -98,7 +109,7 @@ def main() -> None:
           f"{args.precision} on {dev} ({args.threads} thread(s)), median of {args.rounds} rounds")
     print("| router | us / token | vs topk_softmax | pairs / token |")
     print("| --- | --- | --- | --- |")
-    for rule in RULES:
+    for rule in names:
         med = statistics.median(times[rule])
         row = {"router": rule, "us_per_token": 1e6 * med / n_tok, "ratio": med / base, "pairs_per_token": pairs[rule],
                "spread": (max(times[rule]) - min(times[rule])) / med}

@@ -1,5 +1,6 @@
 """The MoE layer against a slow, obviously-correct per-token reference."""
 
+import copy
 import warnings
 
 import pytest
@@ -9,8 +10,10 @@ import torch.nn.functional as F
 from ditmoe import kernels
 from ditmoe.kernels import cpu_kernels, fused_swiglu
 from ditmoe.kernels.moe import CPU_ROW_BUCKET, plan_dispatch
-from ditmoe.models.moe import Assignment, Dispatcher, Experts, MoE, Router, balance_loss
-from tolerances import EPS32, assert_close_fp32, roundings_tol, underflow_tol
+from ditmoe.models.moe import Assignment, Dispatcher, Experts, MoE, Router, balance_loss, build_router, expert_counts
+from ditmoe.models.routers import router_logits
+from tolerances import (BF16_EPS, EPS32, assert_close_fp32, bf16_order_tol, fp64_tol, rel_err, roundings_tol,
+                        underflow_tol)
 
 # make_layer's MoE in fp32 against the float64 reference: the longest reduction is the shared
 # expert's 32 (dim 16, expert width 24); the forward chains three (expert in, expert out, the
@@ -188,20 +191,34 @@ def test_bf16_outputs_and_gradients_match_reference(kind, pattern, layout, fused
         assert got["experts.w_in"][[0, 2]].abs().sum() == 0 and got["experts.w_out"][[0, 2]].abs().sum() == 0
 
 
+@pytest.mark.parametrize("pairs", ["top-k", "variable"])
 @pytest.mark.parametrize("loads, equal", [([130, 130, 130, 130, 130, 120], True),  # buckets 5 x 192, 128: +6%
                                           ([190, 60, 125, 125], False),  # padded 192, 64, 128, 128: +50%
                                           ([0, 250, 0, 250], False)])  # two idle experts: +100%
-def test_plan_pads_to_equal_groups_only_when_that_adds_few_rows(loads, equal):
+def test_plan_pads_to_equal_groups_only_when_that_adds_few_rows(loads, equal, pairs):
     """Equal groups cost padding rows: taken up to max_padding (default 20%) more rows than
-    the 64-row buckets need, not beyond. Either way every (slot, token) pair has one row of its
-    expert, and the other rows are padding."""
+    the 64-row buckets need, not beyond. Either way every pair has one row of its expert, and
+    the other rows are padding. Top-k: (slot, token) pairs, slot-major. Variable: the same
+    experts on tokens with 0 to 6 pairs, in shuffled pair order; the plan's slots take each
+    token's pairs in pair order, the tokens with the most pairs first."""
     e, k = len(loads), 2
     g = torch.Generator().manual_seed(0)
     pair_expert = torch.repeat_interleave(torch.arange(e), torch.tensor(loads))
     pair_expert = pair_expert[torch.randperm(pair_expert.numel(), generator=g)]
-    t = pair_expert.numel() // k
-    idx = pair_expert.view(k, t).t()  # slot-major pairs: pair j = slot * T + token
-    plan = plan_dispatch(idx.t().reshape(-1), k, e, bucket=64)
+    p = pair_expert.numel()
+    if pairs == "top-k":
+        t = p // k
+        idx = pair_expert.view(k, t).t()  # slot-major pairs: pair j = slot * T + token
+        a = Assignment.top_k(idx, torch.ones(t, k), torch.zeros(t, e))
+    else:
+        per = torch.randint(0, 7, (p,), generator=g)  # pairs per token, zero included
+        per = per[:int((torch.cumsum(per, 0) < p).sum()) + 1]
+        per[-1] -= per.sum() - p
+        t = per.numel() + 3  # three tokens at the end without pairs
+        token = torch.repeat_interleave(torch.arange(per.numel()), per)[torch.randperm(p, generator=g)]
+        a = Assignment(token, pair_expert, torch.ones(p), torch.zeros(t, e))
+        assert (a.pairs_per_token() == 0).any() and a.pairs_per_token().max() >= 5
+    plan = plan_dispatch(a, bucket=64)
     counts = plan.groups.counts
     buckets = [-(-n // 64) * 64 for n in loads]
     if equal:
@@ -210,13 +227,28 @@ def test_plan_pads_to_equal_groups_only_when_that_adds_few_rows(loads, equal):
         assert plan.groups.equal_rows == 0 and counts.tolist() == buckets
     rows = int(counts.sum())
     assert plan.row_token.numel() == rows
+    pair_row = plan.pair_row  # in slot order: for top-k the pairs' own order
+    if pairs == "variable":
+        slots = plan.slots
+        assert torch.equal(slots.pair.sort().values, torch.arange(p))  # a permutation, pair_pos its inverse
+        assert torch.equal(slots.pair[slots.pair_pos], torch.arange(p))
+        assert torch.equal(slots.token_order[slots.token_pos], torch.arange(t))
+        assert list(plan.sizes) == sorted(plan.sizes, reverse=True) and sum(plan.sizes) == p
+        start = 0
+        for s, n in enumerate(plan.sizes):  # slot s: the first n tokens by pairs per token, their s-th pair
+            block = slots.pair[start:start + n]
+            assert torch.equal(a.token[block], slots.token_order[:n])
+            for j in block.tolist():
+                assert int((a.token[:j] == a.token[j]).sum()) == s
+            start += n
+        pair_row = plan.pair_row[slots.pair_pos]  # back in pair order
     starts = torch.cumsum(counts, 0) - counts
     row_expert = torch.repeat_interleave(torch.arange(e), counts)
-    assert torch.equal(row_expert[plan.pair_row], pair_expert)  # each pair in its expert's group
-    assert torch.equal(plan.row_token[plan.pair_row], torch.arange(k * t) % t)  # reading its token
-    assert plan.pair_row.unique().numel() == k * t  # one row per pair
+    assert torch.equal(row_expert[pair_row], pair_expert)  # each pair in its expert's group
+    assert torch.equal(plan.row_token[pair_row], a.token)  # reading its token
+    assert pair_row.unique().numel() == p  # one row per pair
     for ex in range(e):  # real rows first in each group, in pair order (stable)
-        mine = plan.pair_row[pair_expert == ex]
+        mine = pair_row[pair_expert == ex]
         assert torch.equal(mine, starts[ex] + torch.arange(loads[ex]))
 
 
@@ -333,8 +365,8 @@ def test_fused_swiglu_falls_back_to_eager_with_a_warning_when_compilation_fails(
 
 def test_reference_dispatcher_takes_any_number_of_experts_per_token():
     """An assignment that is not top-k (tokens with no expert, one, or three, in any pair order)
-    through the reference dispatcher and experts, against a per-pair float64 sum; the fast
-    dispatcher hands such an assignment to the same path."""
+    through the reference dispatcher and experts, and through the fast dispatcher's plan,
+    against a per-pair float64 sum."""
     torch.manual_seed(3)
     e, d, t = 4, 16, 6
     experts = Experts(e, d, 24, "swiglu")
@@ -352,3 +384,130 @@ def test_reference_dispatcher_takes_any_number_of_experts_per_token():
         y = dispatcher.combine(experts(rows, plan.groups), plan, a)
         assert_close_fp32(y, ref, 24, MOE_CHAIN)
         assert y[4].abs().sum() == 0
+
+
+# ------------------------------------------------------------------------- variable-pair assignments
+VARIABLE_PAIRS = ["expert_choice", "race", "race-inference", "token_pool", "token_pool-inference", "prototype",
+                  "planted"]
+NULL = 10  # the prototype router's null label (num_classes 10): image 1 below is unconditional
+
+
+class PlantedPairs(Router):
+    """Planted (token, expert) pairs in shuffled pair order: token 0 has none, token 1 every
+    expert, the others 0 to E; weighted by the sigmoid of the gate's logits (so the gate weight
+    gets gradients)."""
+
+    def __init__(self, dim: int, num_experts: int, tokens: int):
+        super().__init__(num_experts, dim)
+        g = torch.Generator().manual_seed(2)
+        per = torch.randint(0, num_experts + 1, (tokens,), generator=g)
+        per[0], per[1] = 0, num_experts
+        pairs = [(t, ex) for t in range(tokens) for ex in torch.randperm(num_experts, generator=g)[:per[t]].tolist()]
+        self.pairs = torch.tensor(pairs)[torch.randperm(len(pairs), generator=g)]
+
+    def forward(self, x, cond=None):
+        s = torch.sigmoid(router_logits(x, self.weight))
+        token, expert = self.pairs.unbind(1)
+        return Assignment(token, expert, s[token, expert], s)
+
+
+def variable_pair_layer(case: str, dtype: torch.dtype = torch.float64, shared: int = 32) -> MoE:
+    """make_layer's MoE (dim 16, 4 experts, k 2) with a router whose pairs per token vary: the
+    rule `case` names, in training or (after one threshold update) at inference."""
+    kind, _, mode = case.partition("-")
+    torch.manual_seed(0)
+    knobs = {"expert_choice": {"capacity_factor": 1.5}, "token_pool": {"capacity_factor": 0.7},
+             "prototype": {"num_classes": NULL}}.get(kind, {})
+    router = PlantedPairs(16, 4, 24) if kind == "planted" else build_router(kind, 16, 4, 2, **knobs)
+    layer = MoE(16, 4, 2, 24, shared, router=router).to(dtype).train(mode != "inference")
+    if mode == "inference":  # thresholds as a trained model has them
+        with torch.no_grad():
+            if kind == "race":
+                layer.gate.threshold.fill_(0.5)
+            else:
+                layer.gate.thresholds.copy_(torch.tensor([0.3, 0.5, 0.45, 0.6]))
+            layer.gate.threshold_updates.fill_(1)
+    return layer
+
+
+VARIABLE_LAYOUTS = {"unpadded": {"row_bucket": 0}, "padded": {"row_bucket": 8},
+                    "equal-groups": {"row_bucket": 8, "max_padding": 1e9}, "exact": {"row_bucket": 8}}
+
+
+@pytest.mark.parametrize("layout", list(VARIABLE_LAYOUTS))
+@pytest.mark.parametrize("case", VARIABLE_PAIRS)
+def test_variable_pair_routers_give_the_reference_result(case, layout):
+    """Assignments with any number of pairs per token (zero included) take the fast plan: unpadded,
+    padded to multiples of 8 rows (equal groups where max_padding allows), padded to equal groups
+    always, or exact (expert parallelism's dispatcher: never pads, whatever row_bucket says). In
+    float64 the output and the gradients of x, the gate weight and the expert weights equal the
+    reference dispatcher's up to summation order."""
+    ref = variable_pair_layer(case)
+    fast = kernels.apply(copy.deepcopy(ref), **VARIABLE_LAYOUTS[layout])
+    fast.dispatcher.exact = layout == "exact"
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 8, 16, generator=g, dtype=torch.float64)
+    cond = torch.tensor([1, NULL, 3]) if case == "prototype" else None
+    a = fast.gate.route(x, cond)
+    assert a.k == 0
+    if case == "planted":  # tokens without pairs and with every expert
+        per = a.pairs_per_token()
+        assert per.min() == 0 and per.max() == 4
+    _, plan = fast.dispatcher.dispatch(x.reshape(24, 16), a)
+    rows, exact_rows = plan.groups.counts, expert_counts(a.expert, 4)
+    if layout in ("unpadded", "exact"):
+        assert torch.equal(rows, exact_rows) and plan.groups.equal_rows == 0
+    else:
+        padded = (exact_rows + 7) // 8 * 8
+        assert (rows % 8 == 0).all() and (rows >= exact_rows).all()
+        equal = layout == "equal-groups" or padded.max() * 4 <= 1.2 * padded.sum()
+        assert (plan.groups.equal_rows > 0) == equal
+        assert torch.equal(rows, torch.full_like(rows, int(padded.max())) if equal else padded)
+    grad = torch.randn(3, 8, 16, generator=g, dtype=torch.float64)
+    got = []
+    for layer in (ref, fast):
+        xi = x.clone().requires_grad_(True)
+        y = layer(xi, cond)
+        y.backward(grad)
+        got.append({"out": y.detach(), "x": xi.grad, "gate": layer.gate.weight.grad,
+                    "w_in": layer.experts.w_in.grad, "w_out": layer.experts.w_out.grad})
+    for name, want in got[0].items():
+        chain = MOE_CHAIN if name == "out" else 2 * MOE_CHAIN
+        assert rel_err(got[1][name], want) <= fp64_tol(MOE_K, chain), f"{case} {layout} {name}"
+
+
+@pytest.mark.parametrize("layout", ["padded", "equal-groups"])
+@pytest.mark.parametrize("case", ["expert_choice", "race", "token_pool", "prototype", "planted"])
+def test_variable_pairs_bf16_padded_path_matches_reference_path(case, layout):
+    """In bf16 on CPU (autocast) the fast plan pads every expert group to 64 rows (layout padded:
+    never to equal groups; equal-groups: the default max_padding, which 4 small groups of 64 meet)
+    and casts before the gather; the output stays within bf16 rounding of the reference path's.
+
+    Both paths route the same (fp32 routers), cast x and the weights alike and run the same
+    expert ops (the fused SwiGLU off; no shared expert), so the expert outputs differ only by
+    the order of fp32 accumulation in the two products before their bf16 roundings:
+    bf16_order_tol(24, 2) relative (K = 24 the experts' width). The per-token weighted sum
+    rounds each product and each sum (reference: w * row, then index_add; fast: a product and one
+    fused multiply-add per further slot, counted as two roundings): at most 2 m - 1 roundings
+    per path, m the token's pairs, each within u = BF16_EPS / 2 of A = the sum of |w * expert
+    output| over its pairs (a bound on every partial sum). Independent, as in tolerances.py, they
+    add to sqrt(2 m - 1) u A per path, and the two paths differ by less than 2 sqrt(m) u A."""
+    ref = variable_pair_layer(case, torch.float32, shared=0)
+    fast = kernels.apply(copy.deepcopy(ref), fused=False, max_padding=None if layout == "padded" else 0.2)
+    x = torch.randn(3, 8, 16, generator=torch.Generator().manual_seed(1))
+    cond = torch.tensor([1, NULL, 3]) if case == "prototype" else None
+    a = ref.gate.route(x, cond)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y_ref, y = ref(x, cond), fast(x, cond)
+        _, plan = fast.dispatcher.dispatch(x.reshape(24, 16), a)
+    assert y.dtype == y_ref.dtype == torch.bfloat16
+    assert (plan.groups.counts == 64).all() and (plan.groups.equal_rows == 64) == (layout == "equal-groups")
+    # A and m from float64 expert outputs of the same pairs.
+    ex, flat = ref.experts, x.reshape(24, 16).double()
+    h = torch.einsum("pd,pdh->ph", flat[a.token], ex.w_in.double()[a.expert])
+    out = torch.einsum("ph,phd->pd", F.silu(h[:, :24]) * h[:, 24:], ex.w_out.double()[a.expert])
+    big_a = torch.zeros(24, 16, dtype=torch.float64).index_add_(0, a.token, (a.weight.double()[:, None] * out).abs())
+    m = a.pairs_per_token().double()[:, None]
+    norm = y_ref.double().norm()
+    tol = (bf16_order_tol(24, 2) * big_a.norm() + 2 * m.sqrt().mul(big_a).norm() * BF16_EPS / 2) / norm
+    assert rel_err(y, y_ref) <= tol.item(), case

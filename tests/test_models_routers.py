@@ -580,7 +580,7 @@ def test_cli_train_sample_analyze_per_router(tmp_path, kind):
 @pytest.mark.parametrize("kind", ROUTED)
 def test_speed_layers_give_the_reference_result(kind):
     """kernels.apply keeps every router: top-k assignments take the fast slot-major plan, the
-    variable-pair ones (expert_choice, race in training) the reference dispatch."""
+    variable-pair ones (expert_choice, race in training, ...) the same plan in slot order."""
     import copy
 
     from ditmoe import kernels

@@ -110,6 +110,11 @@ TINY_VAE_ENC_CHAIN = 27
 
 EPS64 = torch.finfo(torch.float64).eps  # 2^-52 = 2u
 
+
+def fp64_tol(reduction_len: int, chain: int = 1) -> float:
+    """fp32_tol for two float64 evaluations in different summation orders: chain * sqrt(K) * EPS64."""
+    return chain * math.sqrt(reduction_len) * EPS64
+
 # A uint8 level v (0..255) to [-1, 1] as v / 127.5 - 1 in fp32: the quotient (<= 2) rounds within
 # 2u and the difference (<= 1 in size) within u (u = EPS32 / 2): 3u = 1.5 * EPS32 absolute from the
 # exact value. Two sides that both compute it in fp32 with the same ops agree bit for bit (IEEE
