@@ -91,14 +91,20 @@ class Variant:
 # ----------------------------------------------------------------------------- variants
 def load_recipe(path: str | Path | None = None) -> dict[str, Any]:
     """The recipe file (configs/mnist.yaml) as a dict, its keys checked against TrainConfig."""
-    from .cli.train import load_config_file
+    import yaml
+
     from .config import TrainConfig, check_field_types
 
     p = Path(path) if path else RECIPE_PATH
     if not p.is_file():
         raise FileNotFoundError(f"the study's recipe {p} does not exist; give --recipe PATH (configs/mnist.yaml "
                                 "of the repository)")
-    data = dict(load_config_file(p))
+    try:  # YAML (JSON is YAML too); `ditmoe train --config` reads the same files
+        data = yaml.safe_load(p.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ValueError(f"recipe {p} is not a readable YAML file: {str(e).splitlines()[0]}") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"recipe {p} must hold a mapping of option: value, not {type(data).__name__}")
     model_overrides = data.pop("model_overrides", {}) or {}
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = set(data) - known
@@ -438,7 +444,8 @@ def run_study(out: str | Path, steps: int = DEFAULT_STEPS, seeds: str | list[int
     shared = study_train_config(rec, Path(out) / "_", steps, 0, data, model, progress)
     sampling = shared.sampling()
     train_settings = {k: v for k, v in shared.to_dict().items() if k not in ("out", "seed", "progress", "resume")}
-    settings = {"recipe": str(Path(recipe) if recipe else RECIPE_PATH), "train": train_settings, "model": model,
+    settings = {"recipe": str((Path(recipe) if recipe else RECIPE_PATH).resolve()), "train": train_settings,
+                "model": model,
                 "model_overrides": {**rec.get("model_overrides", {}), **(model_overrides or {})}, "data": data,
                 "samples_per_class": samples_per_class, "sampling": sampling, "sample_seed": SAMPLE_SEED,
                 "analysis": {"per_class": ANALYSIS_PER_CLASS, "permutations": ANALYSIS_PERMUTATIONS},
@@ -449,9 +456,10 @@ def run_study(out: str | Path, steps: int = DEFAULT_STEPS, seeds: str | list[int
     variant_info: dict[str, Any] = {}
     if path.exists():
         old = json.loads(path.read_text())
-        if _comparable_settings(old.get("settings", {})) != _comparable_settings(json.loads(json.dumps(settings))):
-            a, b = _comparable_settings(old.get("settings", {})), _comparable_settings(settings)
-            diff = sorted(k for k in set(a) | set(b) if json.dumps(a.get(k), sort_keys=True) != json.dumps(b.get(k), sort_keys=True))
+        a, b = _comparable_settings(old.get("settings", {})), _comparable_settings(settings)
+        diff = sorted(k for k in set(a) | set(b)
+                      if json.dumps(a.get(k), sort_keys=True) != json.dumps(b.get(k), sort_keys=True))
+        if diff:
             raise ValueError(f"{path} holds a study with other settings ({', '.join(diff)} differ); rerun with the "
                              "same settings to resume it, or give another --out")
         runs = old.get("runs", [])
