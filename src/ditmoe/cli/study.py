@@ -13,15 +13,14 @@ def _study_args(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--out", default="runs/study", help="output folder: OUT/<variant>/seed<k>, study.json, figures")
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS,
-                   help=f"optimizer steps per run, the same for every variant (default {DEFAULT_STEPS}: the "
-                        "default study, 11 variants x 3 seeds, in about 2.5 hours on 2 cores)")
+                   help="optimizer steps per run, the same for every variant (the default fits the default "
+                        "study, 11 variants x 3 seeds, in about 2.5 hours on 2 cores)")
     p.add_argument("--seeds", default=",".join(map(str, DEFAULT_SEEDS)),
-                   help="comma-separated training seeds (seed = initialisation and data order); default 0,1,2")
+                   help="comma-separated training seeds (seed = initialisation and data order)")
     p.add_argument("--variants", default="all", help="comma-separated subset of the variants (see --list), or 'all'")
     p.add_argument("--samples-per-class", type=int, default=DEFAULT_SAMPLES_PER_CLASS,
-                   help=f"samples per digit for FID and class agreement (default {DEFAULT_SAMPLES_PER_CLASS}: "
-                        f"{DEFAULT_SAMPLES_PER_CLASS * 10} per model)")
-    p.add_argument("--recipe", default=None, help="the training recipe (default: the repository's configs/mnist.yaml)")
+                   help="samples per digit for FID and class agreement (10 digits)")
+    p.add_argument("--recipe", default=None, help="the training recipe; none = the repository's configs/mnist.yaml")
     p.add_argument("--list", action="store_true", help="list the variants with their activated MACs and notes, and exit")
     p.add_argument("--no-progress", action="store_true")
 
