@@ -71,9 +71,9 @@ SCHEMA = 1
 # fits about 2.5 hours on 2 cores. The quickstart's base model trains at ~450-650 images/s there
 # (docs/recipe.md; take 450, the slow end, since some routers are slower than top-k):
 #   training:  1200 steps x 64 images / 450 images/s               = 171 s per run
-#   sampling:  2000 images x 25 network calls (Heun 13) x 2 (guidance doubles the batch)
-#              = 100,000 image forwards; a forward is ~1/3 of a training step's work per image,
-#              so ~1350 images/s                                    =  74 s per run
+#   sampling:  2000 images x 26 network calls (Heun 13) x 2 (guidance doubles the batch)
+#              = 104,000 image forwards; a forward is ~1/3 of a training step's work per image,
+#              so ~1350 images/s                                    =  77 s per run
 #   scoring, routing analysis (20 images), model set-up, checkpoints  ~ 15 s per run
 #   per run ~260 s; 33 runs                                         = 8600 s = 2.4 hours
 # Dropping the four ablations (21 runs) would allow about 2400 steps in the same time.
