@@ -9,6 +9,7 @@ Every rule runs at the same nominal activated compute (k = 2 of E = 8 experts of
 expert 2D; capacity_factor 1, so expert_choice and token_pool also average k pairs per token; race
 takes exactly T k pairs). Rounds rotate the order of the rules; the table gives the median time
 per token, the ratio to topk_softmax and the measured pairs per token (the activated compute).
+Each round feeds a new input, so the expert group sizes change between rounds as in training.
 `--json PATH` also writes the numbers. `--reference-dispatch` adds, per rule, the same layer with
 the reference model's dispatcher (`ditmoe.models.moe.Dispatcher`: unpadded, no written-out
 backward passes) in place of the speed layers' plan, timed in the same rounds.
@@ -64,7 +65,9 @@ def main() -> None:
             ref.dispatcher = Dispatcher()
             layers[f"{rule} (reference dispatch)"] = ref
     names = list(layers)
-    x = torch.randn(args.images, args.tokens, d, device=dev, requires_grad=True)
+    # A fresh input every round (the same one for every rule within a round): routing, and with it
+    # the expert group sizes, change from step to step as they do in training.
+    inputs = [torch.randn(args.images, args.tokens, d, device=dev, requires_grad=True) for _ in range(args.rounds + 1)]
     g = torch.randn(args.images, args.tokens, d, device=dev)
     labels = torch.randint(0, 10, (args.images,), device=dev)
     labels[0] = 10  # one unconditional image, as under label dropout (prototype's unconditional expert)
@@ -75,7 +78,7 @@ def main() -> None:
         if dev.type == "cuda":
             torch.cuda.synchronize()
 
-    def step(rule: str) -> float:
+    def step(rule: str, x: torch.Tensor) -> float:
         m = layers[rule]
         for q in m.parameters():
             q.grad = None
@@ -95,13 +98,13 @@ def main() -> None:
 
     for rule in names:  # warm-up (kernels compile, oneDNN caches); the pairs of each rule
         layers[rule].observer = lambda moe, a, n, rule=rule: pairs.__setitem__(rule, a.token.numel() / a.num_tokens)
-        step(rule)
+        step(rule, inputs[0])
         layers[rule].observer = None
     times: dict[str, list[float]] = {r: [] for r in names}
     for i in range(args.rounds):
         order = names[i % len(names):] + names[:i % len(names)]
         for rule in order:
-            times[rule].append(step(rule))
+            times[rule].append(step(rule, inputs[i + 1]))
     n_tok = args.images * args.tokens
     base = statistics.median(times["topk_softmax"])
     rows = []

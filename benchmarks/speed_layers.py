@@ -12,7 +12,8 @@ the same model and batch, in these contenders, timed in interleaved rounds (the 
   SwiGLU and adaLN kernels), `row_bucket=0` (no padded expert groups), `max_padding=None` (no
   equal groups / batched expert products), `grouped_mm=False` (a loop instead of `torch._grouped_mm`).
 
-The speed-layer contenders share one model, re-configured by `kernels.apply` before each step
+Round k trains every contender on the same batch k, a new one each round. The speed-layer
+contenders share one model, re-configured by `kernels.apply` before each step
 (applying again re-sets the options), and one optimizer; the reference is a second model with the
 same weights. The table gives each contender's median and its time relative to "all": a layer
 pays where switching it off is slower than "all" by more than the rounds' spread.
@@ -40,6 +41,7 @@ OFF = {"all": {}, "fused=False": {"fused": False}, "row_bucket=0": {"row_bucket"
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="DiT-MoE-S/2-8E2A")
+    p.add_argument("--router", default="topk_softmax", help="the MoE's routing rule (docs/routing.md)")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--precision", choices=["fp32", "bf16"], default="bf16")
     p.add_argument("--rounds", type=int, default=5)
@@ -55,23 +57,31 @@ def main() -> None:
     device = torch.device("cpu")
     dtype = torch.bfloat16 if a.precision == "bf16" else None
     torch.manual_seed(0)
-    reference = create_model(a.model)
+    reference = create_model(a.model, router=a.router)
     randomize_zero_init(reference)
     fast = kernels.apply(copy.deepcopy(reference))
-    batch = make_batch(get_config(a.model), a.batch, device)
-    ref_step = TrainStep(reference, reference.parameters(), device, dtype, batch, fused_adam=True)
-    fast_step = TrainStep(fast, fast.parameters(), device, dtype, batch, fused_adam=True)
+    # The k-th call of every contender (one per round) trains on batch k: the routing, and with it
+    # the expert group sizes, change between rounds as in training, and are equal within a round.
+    batches = [make_batch(get_config(a.model), a.batch, device, seed=k) for k in range(a.warmup + a.rounds)]
+    ref_step = TrainStep(reference, reference.parameters(), device, dtype, batches[0], fused_adam=True)
+    fast_step = TrainStep(fast, fast.parameters(), device, dtype, batches[0], fused_adam=True)
 
-    def configured(options):
-        def step():
-            kernels.apply(fast, **options)
-            return fast_step()
-        return step
+    def contender(step: TrainStep, options: dict | None):
+        calls = [0]
 
-    contenders = {"reference": ref_step, **{name: configured(opts) for name, opts in OFF.items()}}
+        def run():
+            step.batch = batches[calls[0] % len(batches)]
+            calls[0] += 1
+            if options is not None:
+                kernels.apply(fast, **options)
+            return step()
+        return run
+
+    contenders = {"reference": contender(ref_step, None),
+                  **{name: contender(fast_step, opts) for name, opts in OFF.items()}}
     res = run_interleaved(contenders, a.rounds, a.warmup, device)
     base = res["all"].get("median_ms")
-    print(f"{a.model} training step, batch {a.batch}, {a.precision}, {torch.get_num_threads()} threads, "
+    print(f"{a.model} ({a.router}) training step, batch {a.batch}, {a.precision}, {torch.get_num_threads()} threads, "
           f"median of {a.rounds} interleaved rounds")
     print("| contender | median | time / all | (max - min) / median of the rounds |")
     print("| --- | --- | --- | --- |")
