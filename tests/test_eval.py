@@ -139,7 +139,7 @@ def test_inception_score_closed_forms():
     k = 10
     uniform = np.full((200, k), 1.0 / k)
     assert inception_score(uniform, splits=4)[0] == pytest.approx(1.0, abs=1e-12)
-    confident = np.tile(np.eye(k), (5, 1))  # each split of 10 holds every class once
+    confident = np.repeat(np.eye(k), 5, axis=0)  # class-sorted; split i takes rows i, i + 5, ...: every class once
     mean, std = inception_score(confident, splits=5)
     assert mean == pytest.approx(k, rel=1e-12) and std == pytest.approx(0.0, abs=1e-12)
     confident_logits = np.tile(np.eye(k) * 100.0, (3, 1))

@@ -135,7 +135,7 @@ def tiny_recipe(tmp_path):
     import yaml
 
     rec = yaml.safe_load(study.RECIPE_PATH.read_text())
-    rec.update(model="debug", global_batch=8, log_every=1, sampler="heun", sample_steps=2)
+    rec.update(model="debug", global_batch=8, log_every=1, sampler="heun", sample_steps=2, cfg_scale=2.5)
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(rec))
     return path
@@ -164,7 +164,7 @@ def test_study_smoke_and_resume(tmp_path, monkeypatch, tiny_recipe):
     data = json.loads((out / "study.json").read_text())
     assert data == json.loads(json.dumps(doc))
     assert data["schema"] == 1 and data["settings"]["seeds"] == [0, 1]
-    assert data["settings"]["sampling"] == {"sampler": "heun", "steps": 2, "cfg_scale": 2.0}  # from the recipe
+    assert data["settings"]["sampling"] == {"sampler": "heun", "steps": 2, "cfg_scale": 2.5}  # from the recipe
     assert data["settings"]["train"]["lr"] == 1e-3 and data["settings"]["train"]["lr_decay"] == "cosine"
     assert [(r["variant"], r["seed"]) for r in data["runs"]] == [("dense", 0), ("dense", 1), ("topk_softmax", 0),
                                                                   ("topk_softmax", 1)]
