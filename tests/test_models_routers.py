@@ -490,6 +490,7 @@ def test_config_defaults_and_old_configs():
     ({"router": "prototype", "contrastive_temperature": 0.0}, "contrastive_temperature"),
     ({"router": "race", "similarity_weight": -1.0}, "similarity_weight must be >= 0"),
     ({"router": "race", "similarity_weight": float("nan")}, "similarity_weight must be >= 0"),
+    ({"router": "topk_bias", "similarity_weight": 0.1}, "similarity_weight is the race router's loss"),
 ])
 def test_bad_router_settings_are_clear_errors(override, message):
     with pytest.raises(ValueError, match=message):

@@ -226,6 +226,9 @@ class ModelConfig:
             problems.append(f"contrastive_weight must be >= 0, got {self.contrastive_weight}")
         if not (self.similarity_weight >= 0 and math.isfinite(self.similarity_weight)):
             problems.append(f"similarity_weight must be >= 0, got {self.similarity_weight}")
+        elif self.similarity_weight > 0 and self.router != "race":
+            problems.append(f"similarity_weight is the race router's loss; router {self.router} would ignore it "
+                            "(use --model-router race, or leave it at 0)")
         if not (self.contrastive_temperature > 0 and math.isfinite(self.contrastive_temperature)):
             problems.append(f"contrastive_temperature must be a positive number, got {self.contrastive_temperature}")
         if self.router == "topk_softmax" and self.router_score == "sigmoid":
