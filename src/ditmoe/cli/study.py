@@ -26,18 +26,13 @@ def _study_args(p: argparse.ArgumentParser) -> None:
 
 
 def _study(args: argparse.Namespace) -> int:
-    from ..study import (all_variants, base_config, check_budget, list_variants, load_recipe, parse_seeds,
-                         run_study, select_variants)
+    from ..study import list_variants, run_study
 
     if args.list:
         print(list_variants(recipe=args.recipe))
         return 0
-    # Every argument is checked before any work.
-    check_budget(args.steps, args.samples_per_class)
-    seeds = parse_seeds(args.seeds)
-    recipe = load_recipe(args.recipe)
-    chosen = select_variants(args.variants, all_variants(base_config(recipe=recipe)))
-    run_study(args.out, steps=args.steps, seeds=seeds, variants=[v.name for v in chosen],
+    # run_study checks every argument (steps, samples, seeds, recipe, variants) before any work.
+    run_study(args.out, steps=args.steps, seeds=args.seeds, variants=args.variants,
               samples_per_class=args.samples_per_class, recipe=args.recipe, progress=not args.no_progress)
     return 0
 
