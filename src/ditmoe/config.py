@@ -11,6 +11,7 @@ import json
 import math
 import numbers
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, get_args, get_type_hints
 
 EXPERT_TYPES = ("swiglu", "gelu")
@@ -285,7 +286,7 @@ class ModelConfig:
 __all__ = ["ModelConfig", "TrainConfig", "EXPERT_TYPES", "ATTN_LAYOUTS", "MOE_PLACEMENTS", "ROUTERS", "ROUTER_SCORES",
            "STATEFUL_ROUTERS", "PROCESSES", "PRECISIONS",
            "PARALLEL_MODES", "LOGGERS", "PROCESS_SAMPLERS", "SAMPLER_STEPS", "DEFAULT_CFG_SCALE",
-           "check_choices", "default_sampler", "default_steps", "recorded_sampling", "SAMPLING_FIELDS", "check_field_types", "option"]
+           "check_choices", "load_config_file", "default_sampler", "default_steps", "recorded_sampling", "SAMPLING_FIELDS", "check_field_types", "option"]
 
 _TYPE_WORDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
 
@@ -298,6 +299,48 @@ def field_type(hint: Any) -> tuple[type, bool]:
     if base not in _TYPE_WORDS:
         raise TypeError(f"config fields are bool, int, float or str (optionally | None), got {hint}")
     return base, optional
+
+
+def load_config_file(path: str) -> dict[str, Any]:
+    """YAML or TOML with TrainConfig keys and an optional `model_overrides` mapping.
+
+    A file that does not parse, or is not a mapping, raises ValueError naming the file and where
+    the parser stopped.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"config file {p} does not exist")
+    if not p.is_file():
+        raise ValueError(f"config file {p} is a folder; give a YAML or TOML file")
+    try:
+        text = p.read_text()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"config file {p} is not a text file ({e.reason} at byte {e.start}); give a YAML or TOML file") from e
+    if p.suffix == ".toml":
+        import tomllib
+
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:
+            raise ValueError(f"config file {p} is not valid TOML: {e}") from e
+    else:
+        import yaml
+
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            where = ""
+            mark = getattr(e, "problem_mark", None)
+            if mark is not None:
+                where = f" at line {mark.line + 1}, column {mark.column + 1}"
+            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise ValueError(f"config file {p} is not valid YAML{where}: {problem}. Write one `option: value` "
+                             "per line (e.g. `steps: 3000`)") from e
+        data = {} if data is None else data
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {p} must hold a mapping of option: value (e.g. `steps: 3000`), "
+                         f"not a {type(data).__name__}")
+    return data
 
 
 def check_field_types(cls: type, values: dict[str, Any], where: str) -> dict[str, Any]:

@@ -91,20 +91,15 @@ class Variant:
 # ----------------------------------------------------------------------------- variants
 def load_recipe(path: str | Path | None = None) -> dict[str, Any]:
     """The recipe file (configs/mnist.yaml) as a dict, its keys checked against TrainConfig."""
-    import yaml
-
-    from .config import TrainConfig, check_field_types
+    from .config import TrainConfig, check_field_types, load_config_file
 
     p = Path(path) if path else RECIPE_PATH
-    if not p.is_file():
+    if not p.exists():
         raise FileNotFoundError(f"the study's recipe {p} does not exist; give --recipe PATH (configs/mnist.yaml "
                                 "of the repository)")
-    try:  # YAML (JSON is YAML too); `ditmoe train --config` reads the same files
-        data = yaml.safe_load(p.read_text())
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise ValueError(f"recipe {p} is not a readable YAML file: {str(e).splitlines()[0]}") from e
-    if not isinstance(data, dict):
-        raise ValueError(f"recipe {p} must hold a mapping of option: value, not {type(data).__name__}")
+    data = load_config_file(p)  # what `ditmoe train --config` reads: YAML or TOML
+    if "model" not in data:
+        raise ValueError(f"recipe {p} names no model; the study trains the recipe's model (e.g. `model: DiT-MoE-mnist`)")
     model_overrides = data.pop("model_overrides", {}) or {}
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = set(data) - known
@@ -390,12 +385,6 @@ def sample_and_score(run: Path, ref: Path, samples_per_class: int, sampling: dic
 
 
 # ----------------------------------------------------------------------------- the study
-def _atomic_json(path: Path, data: dict[str, Any]) -> None:
-    from .weights_io import atomic_write
-
-    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=2)))
-
-
 def _comparable_settings(s: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in s.items() if k not in ("seeds", "variants")}
 
@@ -433,6 +422,7 @@ def run_study(out: str | Path, steps: int = DEFAULT_STEPS, seeds: str | list[int
     """Run (or resume) the study; returns the study.json content. `data`, `model` and
     `model_overrides` replace the recipe's (the smoke test's tiny setting)."""
     from .config import TrainConfig
+    from .weights_io import atomic_write_json
 
     check_budget(steps, samples_per_class)
     seeds = parse_seeds(seeds if not isinstance(seeds, tuple) else list(seeds))
@@ -471,7 +461,7 @@ def run_study(out: str | Path, steps: int = DEFAULT_STEPS, seeds: str | list[int
 
     def write() -> dict[str, Any]:
         doc = {"schema": SCHEMA, "settings": settings, "variants": variant_info, "runs": runs, **analyse_study(runs)}
-        _atomic_json(path, doc)
+        atomic_write_json(path, doc)
         return doc
 
     doc = write()

@@ -12,6 +12,7 @@ never each other in a circle.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -345,6 +346,11 @@ def atomic_write(path: str | os.PathLike, write_fn) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def atomic_write_json(path: str | os.PathLike, data: Any) -> None:
+    """`data` as indented JSON through `atomic_write`."""
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=2)))
 
 
 def _probe_write(folder: Path, flag: str) -> None:

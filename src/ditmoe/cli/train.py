@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from pathlib import Path
 from typing import Any, get_type_hints
 
-from ..config import ModelConfig, TrainConfig, check_field_types, field_type
+from ..config import ModelConfig, TrainConfig, check_field_types, field_type, load_config_file
 from ._command import Command
 
 _MODEL_FLAG_SKIP = {"name"}
@@ -75,48 +74,6 @@ def add_dataclass_flags(p: argparse.ArgumentParser, cls: type, prefix: str = "",
         group.add_argument("--" + prefix + f.name.replace("_", "-"), dest=prefix.replace("-", "_") + f.name,
                            default=argparse.SUPPRESS, help=f"{f.metadata['help']} (default: {shown})".replace("%", "%%"),
                            **flag_spec(f, hints[f.name]))
-
-
-def load_config_file(path: str) -> dict[str, Any]:
-    """YAML or TOML with TrainConfig keys and an optional `model_overrides` mapping.
-
-    A file that does not parse, or is not a mapping, raises ValueError naming the file and where
-    the parser stopped.
-    """
-    p = Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"config file {p} does not exist")
-    if not p.is_file():
-        raise ValueError(f"config file {p} is a folder; give a YAML or TOML file")
-    try:
-        text = p.read_text()
-    except UnicodeDecodeError as e:
-        raise ValueError(f"config file {p} is not a text file ({e.reason} at byte {e.start}); give a YAML or TOML file") from e
-    if p.suffix == ".toml":
-        import tomllib
-
-        try:
-            data = tomllib.loads(text)
-        except tomllib.TOMLDecodeError as e:
-            raise ValueError(f"config file {p} is not valid TOML: {e}") from e
-    else:
-        import yaml
-
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as e:
-            where = ""
-            mark = getattr(e, "problem_mark", None)
-            if mark is not None:
-                where = f" at line {mark.line + 1}, column {mark.column + 1}"
-            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-            raise ValueError(f"config file {p} is not valid YAML{where}: {problem}. Write one `option: value` "
-                             "per line (e.g. `steps: 3000`)") from e
-        data = {} if data is None else data
-    if not isinstance(data, dict):
-        raise ValueError(f"config file {p} must hold a mapping of option: value (e.g. `steps: 3000`), "
-                         f"not a {type(data).__name__}")
-    return data
 
 
 def train_config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, dict[str, Any]]:

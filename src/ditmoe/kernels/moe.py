@@ -65,15 +65,14 @@ class SlotOrder(NamedTuple):
     pair_pos: torch.Tensor  # (P,) slot position of each of the assignment's pairs
 
 
-def slot_order(token: torch.Tensor, num_tokens: int) -> SlotOrder:
-    """Slot order (above) of pairs with tokens `token` (P,); reads the slot sizes on the host.
+def slot_order(a: Assignment) -> SlotOrder:
+    """Slot order (above) of the pairs of `a`; reads the slot sizes on the host.
 
     Stable sorts and integer counts only, and every indexed write below goes through a
     permutation (each index once): the same order on every run and device.
     """
-    p = token.numel()
-    per_token = torch.zeros(num_tokens, dtype=torch.long, device=token.device).scatter_add_(
-        0, token, torch.ones_like(token))
+    token, num_tokens, p = a.token, a.num_tokens, a.token.numel()
+    per_token = a.pairs_per_token()
     token_order = torch.argsort(per_token, descending=True, stable=True)
     token_pos = torch.empty_like(token_order)
     token_pos[token_order] = torch.arange(num_tokens, device=token.device)
@@ -137,7 +136,7 @@ def plan_dispatch(a: Assignment, bucket: int = 0,
         row_pair, groups = None, Groups(padded, group_rows)
     if a.k:
         return FastPlan(row_token, pair_row, row_pair, groups, (a.num_tokens,) * a.k, None)
-    slots = slot_order(a.token, a.num_tokens)
+    slots = slot_order(a)
     if row_pair is not None:
         row_pair = slots.pair_pos.index_select(0, row_pair)
     return FastPlan(row_token, pair_row.index_select(0, slots.pair), row_pair, groups, slots.sizes, slots)

@@ -26,6 +26,7 @@ from ..config import STATEFUL_ROUTERS, ModelConfig, TrainConfig
 from .. import kernels
 from ..devices import resolve_device
 from ..registry import create_model, get_config
+from ..weights_io import atomic_write_json
 from .checkpoint import (STATE_BYTES_PER_PARAM, choose_format, is_sharded, list_checkpoints, load_checkpoint,
                          read_sharded_header, resolve_resume, rng_state, save_checkpoint, save_sharded_checkpoint,
                          set_rng_state)
@@ -537,7 +538,7 @@ class Trainer:
         logger = RunLogger(self.out, enabled=dist.is_main, kind=cfg.logger, start_step=self.step,
                            config={"train": cfg.to_dict(), "model": self.model_cfg.to_dict()})
         if dist.is_main:
-            _write_json(self.out / "config.json", {"train": cfg.to_dict(), "model": self.model_cfg.to_dict()})
+            atomic_write_json(self.out / "config.json", {"train": cfg.to_dict(), "model": self.model_cfg.to_dict()})
         tracker = ExpertLoadTracker(self.model)
         progress = Progress(cfg.steps, self.step, enabled=dist.is_main and cfg.progress)
         self.train_model.train()
@@ -612,18 +613,12 @@ class Trainer:
                 print(f"already at step {self.step} of {cfg.steps}: nothing to train; "
                       f"EMA weights: {self.out / 'model_ema.safetensors'}")
                 return summary
-            _write_json(self.out / "train_summary.json", summary)
+            atomic_write_json(self.out / "train_summary.json", summary)
             print(f"trained {summary['steps_this_run']} steps in {elapsed / 60:.1f} min "
                   f"({summary['images_per_s']:.0f} images/s, {summary['precision']}); final loss "
                   f"{last.get('loss', float('nan')):.4f}, balance loss {last.get('balance', float('nan')):.4f}; "
                   f"EMA weights: {self.out / 'model_ema.safetensors'}")
         return summary
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    from ..weights_io import atomic_write
-
-    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=2)))
 
 
 def train(cfg: TrainConfig, model_overrides: dict[str, Any] | None = None) -> dict[str, Any]:
