@@ -67,6 +67,71 @@ def test_verdicts_on_planted_numbers():
     assert summary["dense"]["seeds"] == [0, 1, 2] and summary["dense"]["fid"]["mean"] == pytest.approx(51.0)
 
 
+def _planted_doc():
+    """A study.json built from planted per-seed numbers through the study's own analysis."""
+    table = {"dense": ([50.0, 52.0, 51.0], [0.80, 0.82, 0.81]), "topk_softmax": ([45.0, 46.0, 47.0], [0.90, 0.85, 0.88]),
+             "race": ([44.0, 55.0, 48.0], [0.91, 0.70, 0.86])}
+    runs = []
+    for v, (fids, agree) in table.items():
+        for seed, (f, a) in enumerate(zip(fids, agree)):
+            routing = None if v == "dense" else {"mi_excess_bits": {"position": 0.1 * (seed + 1), "step": 0.05,
+                                                                    "class": 0.01},
+                                                 "findings": {"i": seed == 0, "ii": False, "iii": True}}
+            runs.append({"variant": v, "seed": seed, "fid": f, "class_agreement": a, "final_loss": 0.2 + seed / 100,
+                         "step_seconds": 0.1, "train_seconds": 120.0, "train_wall_seconds": 125.0,
+                         "sample_seconds": 40.0, "eval_seconds": 2.0, "routing": routing})
+    variants = {v: {"activated_params": 1.75e6, "total_params": 4.11e6, "train_flops": 9.5e12, "macs_ratio": 1.0}
+                for v in table}
+    settings = {"recipe": "/x/configs/mnist.yaml", "model": "DiT-MoE-mnist", "data": "mnist",
+                "train": {"steps": 1200, "global_batch": 64, "lr": 1e-3, "lr_decay": "cosine"},
+                "sampling": {"sampler": "heun", "steps": 13, "cfg_scale": 1.9}, "samples_per_class": 200,
+                "seeds": [0, 1, 2], "variants": list(table)}
+    return {"schema": 1, "settings": settings, "variants": variants, "runs": runs, **study.analyse_study(runs)}
+
+
+def test_report_tables_read_the_planted_numbers():
+    from ditmoe.study_report import render_markdown, time_summary
+
+    doc = _planted_doc()
+    text = render_markdown(doc)
+    # mean ± sample sd (min-max) by hand: dense FIDs 50, 52, 51 -> 51.0 ± 1.0; race 44, 55, 48 -> 49.0 ± 5.6
+    assert "| `dense` | 0,1,2 | 1.75 M / 4.11 M | 9.5 | 1.000 | 100 ± 0 | 51.0 ± 1.0 (50.0-52.0) | 0.810 ± 0.010 |" in text
+    assert f"49.0 ± {math.sqrt(((44 - 49) ** 2 + (55 - 49) ** 2 + (48 - 49) ** 2) / 2):.1f} (44.0-55.0)" in text
+    assert "| `race` | 44.0 | 55.0 | 48.0 |" in text  # FID per seed
+    assert "| `topk_softmax` | 0.900 | 0.850 | 0.880 |" in text  # agreement per seed
+    # routing: position bits 0.1, 0.2, 0.3 -> 0.200 ± 0.100; finding (i) in seed 0 only, (iii) in all
+    assert "| `race` | 0.200 ± 0.100 | 0.050 ± 0.000 | 0.010 ± 0.000 | 1 of 3 | 0 of 3 | 3 of 3 |" in text
+    assert "| `dense` | 0.000" not in text  # dense has no routing row
+    # comparisons: topk_softmax vs dense, advantages 5, 6, 4 -> called; race vs dense mixed -> not
+    assert "| `topk_softmax` vs `dense` | +5.0, +6.0, +4.0 | +5.00 / 1.00 | topk_softmax better |" in text
+    assert f"| `race` vs `dense` | +6.0, -3.0, +3.0 | +2.00 / {math.sqrt(21):.2f} | {st.NO_DIFFERENCE} |" in text
+    assert "Does any router beat dense at matched activated compute? **yes: topk_softmax beats dense" in text
+    assert "Does the shared expert help? **not run**" in text
+    t = time_summary(doc)
+    assert t["train"] == 9 * 125.0 and t["sample"] == 9 * 40.0 and t["total"] == 9 * 167.0
+    assert "9 runs; their own time: training 18.8 min, sampling 6.0 min, scoring 0.3 min, 0.42 h in all" in text
+
+
+def test_report_command(tmp_path, capsys):
+    out = tmp_path / "s"
+    assert main(["study", "--report", "--out", str(out)]) == 2
+    assert "study.json does not exist" in capsys.readouterr().err
+    out.mkdir()
+    (out / "study.json").write_text("{not json")
+    assert main(["study", "--report", "--out", str(out)]) == 2
+    assert "not readable JSON" in capsys.readouterr().err
+    (out / "study.json").write_text(json.dumps({"schema": 1, "runs": []}))
+    assert main(["study", "--report", "--out", str(out)]) == 2
+    assert "not a study.json of schema 1" in capsys.readouterr().err
+    doc = _planted_doc()
+    (out / "study.json").write_text(json.dumps(doc))
+    assert main(["study", "--report", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    from ditmoe.study_report import render_markdown
+
+    assert printed.strip() == render_markdown(doc).strip() == (out / "report.md").read_text().strip()
+
+
 # ----------------------------------------------------------------------------- variants
 def test_every_default_variant_has_the_base_moe_activated_macs():
     base = base_config()  # the recipe's model
@@ -186,6 +251,9 @@ def test_study_smoke_and_resume(tmp_path, monkeypatch, tiny_recipe):
     assert all(c["verdict"] == st.NO_DIFFERENCE for c in data["comparisons"])
     for f in ("loss_curves.png", "fid_vs_flops.png", "fid_vs_time.png"):
         assert (out / f).exists()
+    from ditmoe.study_report import render_markdown
+
+    assert (out / "report.md").read_text() == render_markdown(data)
 
     # A rerun reuses every finished variant/seed: nothing trained, nothing sampled.
     def fail(*a, **k):

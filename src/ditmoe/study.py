@@ -14,9 +14,10 @@ routing analysis (mutual information of the expert choice with position, samplin
 
 Layout: OUT/<variant>/seed<k>/ (a training run folder), OUT/reference_stats.npz, OUT/study.json
 (written atomically after each variant/seed), OUT/loss_curves.png, OUT/fid_vs_flops.png,
-OUT/fid_vs_time.png. A rerun with the same settings reuses every variant/seed that has an entry
-in study.json and its weights (no training, no sampling); an interrupted training resumes from its
-last checkpoint (the trainer's resume="auto").
+OUT/fid_vs_time.png and OUT/report.md (the tables and verdicts in Markdown, `ditmoe.study_report`).
+A rerun with the same settings reuses every variant/seed that has an entry in study.json and its
+weights (no training, no sampling); an interrupted training resumes from its last checkpoint (the
+trainer's resume="auto").
 
 study.json (schema 1):
     schema: 1
@@ -414,6 +415,21 @@ def analyse_study(runs: list[dict[str, Any]]) -> dict[str, Any]:
             "rule": st.COMPARISON_RULE}
 
 
+def read_study(out: str | Path) -> dict[str, Any]:
+    """OUT/study.json of a study folder, with a clear error when there is none or it is not one."""
+    path = Path(out) / "study.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: --out must name the folder of a study made by "
+                                "`ditmoe study --out FOLDER`")
+    try:
+        doc = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} is not readable JSON ({e}); it is not a study made by `ditmoe study`") from e
+    if not isinstance(doc, dict) or doc.get("schema") != SCHEMA or not {"settings", "runs", "summary"} <= set(doc):
+        raise ValueError(f"{path} is not a study.json of schema {SCHEMA} (made by `ditmoe study`)")
+    return doc
+
+
 def run_study(out: str | Path, steps: int = DEFAULT_STEPS, seeds: str | list[int] = DEFAULT_SEEDS,
               variants: str | list[str] | None = None, samples_per_class: int = DEFAULT_SAMPLES_PER_CLASS,
               recipe: str | Path | None = None, data: str | None = None, model: str | None = None,
@@ -422,6 +438,7 @@ def run_study(out: str | Path, steps: int = DEFAULT_STEPS, seeds: str | list[int
     """Run (or resume) the study; returns the study.json content. `data`, `model` and
     `model_overrides` replace the recipe's (the smoke test's tiny setting)."""
     from .config import TrainConfig
+    from .study_report import write_report
     from .weights_io import atomic_write_json
 
     check_budget(steps, samples_per_class)
@@ -462,6 +479,7 @@ def run_study(out: str | Path, steps: int = DEFAULT_STEPS, seeds: str | list[int
     def write() -> dict[str, Any]:
         doc = {"schema": SCHEMA, "settings": settings, "variants": variant_info, "runs": runs, **analyse_study(runs)}
         atomic_write_json(path, doc)
+        write_report(doc, out)
         return doc
 
     doc = write()

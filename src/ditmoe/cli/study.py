@@ -22,14 +22,24 @@ def _study_args(p: argparse.ArgumentParser) -> None:
                    help="samples per digit for FID and class agreement (10 digits)")
     p.add_argument("--recipe", default=None, help="the training recipe; none = the repository's configs/mnist.yaml")
     p.add_argument("--list", action="store_true", help="list the variants with their activated MACs and notes, and exit")
+    p.add_argument("--report", action="store_true",
+                   help="print the Markdown report of the study in --out (tables, comparisons, verdicts) from its "
+                        "study.json, rewrite OUT/report.md, and exit; trains nothing")
     p.add_argument("--no-progress", action="store_true")
 
 
 def _study(args: argparse.Namespace) -> int:
-    from ..study import list_variants, run_study
+    from ..study import list_variants, read_study, run_study
 
     if args.list:
         print(list_variants(recipe=args.recipe))
+        return 0
+    if args.report:
+        from ..study_report import render_markdown, write_report
+
+        doc = read_study(args.out)
+        write_report(doc, args.out)
+        print(render_markdown(doc))
         return 0
     # run_study checks every argument (steps, samples, seeds, recipe, variants) before any work.
     run_study(args.out, steps=args.steps, seeds=args.seeds, variants=args.variants,
