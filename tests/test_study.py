@@ -105,6 +105,9 @@ def test_report_tables_read_the_planted_numbers():
     # comparisons: topk_softmax vs dense, advantages 5, 6, 4 -> called; race vs dense mixed -> not
     assert "| `topk_softmax` vs `dense` | +5.0, +6.0, +4.0 | +5.00 / 1.00 | topk_softmax better |" in text
     assert f"| `race` vs `dense` | +6.0, -3.0, +3.0 | +2.00 / {math.sqrt(21):.2f} | {st.NO_DIFFERENCE} |" in text
+    d = [0.90 - 0.80, 0.85 - 0.82, 0.88 - 0.81]  # agreement, 3 decimals per seed, 4 for mean and sd
+    m, sd = sum(d) / 3, math.sqrt(sum((x - sum(d) / 3) ** 2 for x in d) / 2)
+    assert f"| `topk_softmax` vs `dense` | +0.100, +0.030, +0.070 | {m:+.4f} / {sd:.4f} |" in text
     assert "Does any router beat dense at matched activated compute? **yes: topk_softmax beats dense" in text
     assert "Does the shared expert help? **not run**" in text
     t = time_summary(doc)

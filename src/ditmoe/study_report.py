@@ -91,9 +91,12 @@ def comparisons_table(doc: Mapping[str, Any], metric: str = "fid") -> list[str]:
     for c in doc.get("comparisons", []):
         if c.get("metric") != metric:
             continue
-        adv = ", ".join(f"{x:+.1f}" if metric == "fid" else f"{x:+.3f}" for x in c["advantage_of_a"])
-        stat = "-" if c["mean"] is None else (f"{c['mean']:+.2f} / {c['sd']:.2f}" if c["sd"] is not None
-                                              else f"{c['mean']:+.2f} / -")
+        digits = 1 if metric == "fid" else 3
+        adv = ", ".join(f"{x:+.{digits}f}" for x in c["advantage_of_a"])
+        if c["mean"] is None:
+            stat = "-"
+        else:
+            stat = f"{c['mean']:+.{digits + 1}f} / " + (f"{c['sd']:.{digits + 1}f}" if c["sd"] is not None else "-")
         rows.append([f"`{c['a']}` vs `{c['b']}`", adv or "-", stat, c["verdict"]])
     return _table(["A vs B", "A's advantage per seed", "mean / sd", "verdict"], rows)
 
