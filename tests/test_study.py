@@ -79,7 +79,8 @@ def _planted_doc():
                                                  "findings": {"i": seed == 0, "ii": False, "iii": True}}
             runs.append({"variant": v, "seed": seed, "fid": f, "class_agreement": a, "final_loss": 0.2 + seed / 100,
                          "step_seconds": 0.1, "train_seconds": 120.0, "train_wall_seconds": 125.0,
-                         "sample_seconds": 40.0, "eval_seconds": 2.0, "routing": routing})
+                         "sample_seconds": 40.0, "eval_seconds": 2.0, "routing": routing, "train_flops": 9.5e12,
+                         "curve": {"step": [600, 1200], "loss": [0.4 + seed / 100, 0.2 + seed / 100]}})
     variants = {v: {"activated_params": 1.75e6, "total_params": 4.11e6, "train_flops": 9.5e12, "macs_ratio": 1.0}
                 for v in table}
     settings = {"recipe": "/x/configs/mnist.yaml", "model": "DiT-MoE-mnist", "data": "mnist",
@@ -133,6 +134,8 @@ def test_report_command(tmp_path, capsys):
     from ditmoe.study_report import render_markdown
 
     assert printed.strip() == render_markdown(doc).strip() == (out / "report.md").read_text().strip()
+    for f in ("loss_curves.png", "fid_vs_flops.png", "fid_vs_time.png"):
+        assert (out / f).stat().st_size > 0
 
 
 # ----------------------------------------------------------------------------- variants

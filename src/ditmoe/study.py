@@ -77,6 +77,7 @@ SCHEMA = 1
 #              so ~1350 images/s                                    =  77 s per run
 #   scoring, routing analysis (20 images), model set-up, checkpoints  ~ 15 s per run
 #   per run ~260 s; 33 runs                                         = 8600 s = 2.4 hours
+# (the full run took less; docs/experiments.md gives its time.)
 # Dropping the four ablations (21 runs) would allow about 2400 steps in the same time.
 DEFAULT_STEPS = 1200
 
@@ -539,6 +540,7 @@ def _mean_curve(rs: list[dict[str, Any]]) -> tuple[list[int], list[float]]:
 def make_study_figures(doc: dict[str, Any], out: str | Path) -> list[Path]:
     """loss_curves.png (mean over seeds per variant), fid_vs_flops.png and fid_vs_time.png
     (mean FID with min-max bars over seeds against training FLOPs / training wall time)."""
+    from matplotlib import colormaps
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -548,7 +550,8 @@ def make_study_figures(doc: dict[str, Any], out: str | Path) -> list[Path]:
     if not runs:
         return paths
     names = list(summary)
-    colors = {n: f"C{i % 10}" for i, n in enumerate(names)}
+    palette = colormaps["tab20"].colors  # 20 distinct colours: the default cycle repeats after 10 variants
+    colors = {n: palette[i % len(palette)] for i, n in enumerate(names)}
 
     fig = Figure(figsize=(7.5, 4.8))
     FigureCanvasAgg(fig)

@@ -24,7 +24,7 @@ def _study_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--list", action="store_true", help="list the variants with their activated MACs and notes, and exit")
     p.add_argument("--report", action="store_true",
                    help="print the Markdown report of the study in --out (tables, comparisons, verdicts) from its "
-                        "study.json, rewrite OUT/report.md, and exit; trains nothing")
+                        "study.json, redraw OUT/report.md and the figures from it, and exit; trains nothing")
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -35,10 +35,12 @@ def _study(args: argparse.Namespace) -> int:
         print(list_variants(recipe=args.recipe))
         return 0
     if args.report:
+        from ..study import make_study_figures
         from ..study_report import render_markdown, write_report
 
         doc = read_study(args.out)
         write_report(doc, args.out)
+        make_study_figures(doc, args.out)
         print(render_markdown(doc))
         return 0
     # run_study checks every argument (steps, samples, seeds, recipe, variants) before any work.
