@@ -426,7 +426,8 @@ def read_study(out: str | Path) -> dict[str, Any]:
         doc = json.loads(path.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"{path} is not readable JSON ({e}); it is not a study made by `ditmoe study`") from e
-    if not isinstance(doc, dict) or doc.get("schema") != SCHEMA or not {"settings", "runs", "summary"} <= set(doc):
+    required = {"settings", "variants", "runs", "summary"}
+    if not isinstance(doc, dict) or doc.get("schema") != SCHEMA or not required <= set(doc):
         raise ValueError(f"{path} is not a study.json of schema {SCHEMA} (made by `ditmoe study`)")
     return doc
 
