@@ -1,9 +1,9 @@
 """The report of `ditmoe study`: the content of study.json as Markdown tables and plain verdicts.
 
 `run_study` writes OUT/report.md after every finished run; `ditmoe study --report --out OUT`
-prints it again from OUT/study.json without training anything. Every number in the report is
-read from study.json; nothing here computes a statistic of its own (the spreads, comparisons and
-verdicts come from `ditmoe.study_stats`), so the report and study.json cannot disagree.
+prints it again from OUT/study.json without training anything. The spreads, comparisons and
+verdicts are read from study.json (where `ditmoe.study_stats` put them), so the report and
+study.json cannot disagree; the only arithmetic here is the sum of the runs' times.
 
 Pure functions on the study.json dict (no torch), so the tables can be checked by hand.
 """
