@@ -464,7 +464,7 @@ def run_study(out: str | Path, steps: int = DEFAULT_STEPS, seeds: str | list[int
     runs: list[dict[str, Any]] = []
     variant_info: dict[str, Any] = {}
     if path.exists():
-        old = json.loads(path.read_text())
+        old = read_study(out)
         a, b = _comparable_settings(old.get("settings", {})), _comparable_settings(settings)
         diff = sorted(k for k in set(a) | set(b)
                       if json.dumps(a.get(k), sort_keys=True) != json.dumps(b.get(k), sort_keys=True))

@@ -29,13 +29,12 @@ def _study_args(p: argparse.ArgumentParser) -> None:
 
 
 def _study(args: argparse.Namespace) -> int:
-    from ..study import list_variants, read_study, run_study
+    from ..study import list_variants, make_study_figures, read_study, run_study
 
     if args.list:
         print(list_variants(recipe=args.recipe))
         return 0
     if args.report:
-        from ..study import make_study_figures
         from ..study_report import render_markdown, write_report
 
         doc = read_study(args.out)
